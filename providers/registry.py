@@ -63,7 +63,8 @@ def load(name: str) -> ProviderFactory:
         factory = getattr(module, attr) if attr else module
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
-            f"provider {name!r} from {info.origin} could not be loaded ({type(exc).__name__}: {exc})",
+            f"provider {name!r} from {info.origin} could not be loaded "
+            f"({type(exc).__name__}: {exc})",
             fix="reinstall the package that provides it",
         ) from exc
     return cast(ProviderFactory, factory)

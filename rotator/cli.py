@@ -1,0 +1,396 @@
+"""``lg-rotate``: argument parsing, configuration assembly, output and exit codes.
+
+Thin on purpose: each command resolves its settings (``rotator.config``), builds its
+parts (``rotator.assemble``) and hands over to the layer that does the work. Every
+failure ends here as one line on stderr and a documented exit code (README "Exit codes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from rotator import __version__, assemble, config, logs
+from rotator.errors import ExitCode, LgRotateError
+from rotator.rotation import RotationReport, StatusReport
+
+log = logging.getLogger("lg_rotate.cli")
+
+COMMANDS = ("rotate", "status", "demo", "sandbox", "providers", "audit")
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lg-rotate",
+        description="Keeps LinuxGuard agents supplied with fresh enrolment tokens: "
+        "mint (LinuxGuard) -> store (Vault, AWS, GCP, plugins) -> deliver (Kubernetes Secret).",
+        epilog="With no command, the flags are those of `rotate`: "
+        "lg-rotate --provider vault --tenant T. Exit codes: see README.",
+    )
+    parser.add_argument("--version", action="version", version=f"lg-rotate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    rotate = commands.add_parser(
+        "rotate", help="mint, store and deliver a fresh token (the default command)"
+    )
+    _add_common(rotate, source=True, kube=True)
+    rotate.add_argument(
+        "--dry-run", action="store_true", help="show what would change (fingerprints only)"
+    )
+    rotate.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    rotate.set_defaults(handler=cmd_rotate)
+
+    status = commands.add_parser("status", help="compare the store with the Secret")
+    _add_common(status, source=False, kube=True)
+    config.add_arguments(status, [_setting("tenant"), _setting("min-ttl")], title="token")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument(
+        "--check", action="store_true", help=f"exit {int(ExitCode.CHECK_FAILED)} on any problem"
+    )
+    status.set_defaults(handler=cmd_status)
+
+    demo = commands.add_parser(
+        "demo", help="a full rotation and an agent enrolment against an embedded sandbox"
+    )
+    config.add_arguments(demo, config.OUTPUT_SETTINGS, title="output")
+    demo.set_defaults(handler=cmd_demo)
+
+    from rotator import sandbox
+
+    sandbox_parser = commands.add_parser(
+        "sandbox", help="run a LinuxGuard sandbox server (tokens and /agent/enroll)"
+    )
+    sandbox.add_sandbox_arguments(sandbox_parser)
+    sandbox_parser.set_defaults(handler=sandbox.run_sandbox_command)
+
+    providers_parser = commands.add_parser(
+        "providers", help="list secrets-store providers and what each needs"
+    )
+    providers_parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    providers_parser.set_defaults(handler=cmd_providers)
+
+    from rotator import audit
+
+    audit_parser = commands.add_parser(
+        "audit", help="find token-leaking anti-patterns in manifests or a cluster"
+    )
+    audit.add_audit_arguments(audit_parser)
+    audit_parser.set_defaults(handler=audit.run_audit_command)
+    return parser
+
+
+_ALL_SETTINGS = {
+    s.name: s
+    for s in (
+        *config.SOURCE_SETTINGS,
+        *config.STORE_SETTINGS,
+        *config.KUBE_SETTINGS,
+        *config.OUTPUT_SETTINGS,
+    )
+}
+
+
+def _setting(name: str) -> config.Setting:
+    return _ALL_SETTINGS[name]
+
+
+def _add_common(parser: argparse.ArgumentParser, *, source: bool, kube: bool) -> None:
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML file of settings [env LG_ROTATE_CONFIG]"
+    )
+    if source:
+        config.add_arguments(parser, config.SOURCE_SETTINGS, title="LinuxGuard")
+    config.add_arguments(parser, config.STORE_SETTINGS, title="secrets store")
+    config.add_arguments(
+        parser,
+        assemble.option_settings(assemble.builtin_provider_options()),
+        title="provider options (vault-*, aws-*, gcp-*)",
+    )
+    parser.add_argument(
+        "--provider-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=argparse.SUPPRESS,
+        help="an option for a plugin provider (repeatable)",
+    )
+    if kube:
+        config.add_arguments(parser, config.KUBE_SETTINGS, title="Kubernetes")
+    config.add_arguments(parser, config.OUTPUT_SETTINGS, title="output")
+
+
+def _settings_for(args: argparse.Namespace, *, source: bool) -> list[config.Setting]:
+    chosen = [*config.STORE_SETTINGS, *config.KUBE_SETTINGS, *config.OUTPUT_SETTINGS]
+    if source:
+        chosen = [*config.SOURCE_SETTINGS, *chosen]
+    else:
+        chosen = [_setting("tenant"), _setting("min-ttl"), *chosen]
+    return chosen
+
+
+def _resolve(args: argparse.Namespace, *, source: bool) -> tuple[config.Resolved, dict[str, Any]]:
+    import os
+
+    config_path = getattr(args, "config", None) or os.environ.get("LG_ROTATE_CONFIG")
+    config_file = config.load_yaml(config_path)
+    provider_keys = [o.key for o in assemble.builtin_provider_options()]
+    resolved = config.resolve(
+        settings=_settings_for(args, source=source),
+        flags=args,
+        config_file=config_file,
+        extra_known_keys=[*provider_keys, *_ALL_SETTINGS_KEYS],
+    )
+    return resolved, config_file
+
+
+_ALL_SETTINGS_KEYS = [s.key for s in _ALL_SETTINGS.values()]
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from rotator.rotation import Rotator
+
+    resolved, config_file = _resolve(args, source=True)
+    _configure_logs(resolved)
+    config.require(resolved, "tenant", why="whose token to rotate")
+    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    minter = assemble.build_minter(resolved)
+    kube = assemble.build_kube(resolved)
+    rotator = Rotator(
+        minter=minter,
+        provider=provider,
+        tenant=resolved.tenant,
+        target=kube.target if kube else None,
+        lock=kube.lock if kube else None,
+        min_ttl=assemble.min_ttl(resolved),
+        ttl_seconds=resolved.ttl,
+        keep_versions=resolved.keep_versions,
+    )
+    report = rotator.rotate(dry_run=args.dry_run)
+    _print_rotation(report, output=args.output)
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rotator.rotation import read_status
+
+    resolved, config_file = _resolve(args, source=False)
+    _configure_logs(resolved)
+    config.require(resolved, "tenant", why="whose token to inspect")
+    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    kube = assemble.build_kube(resolved)
+    report = read_status(
+        provider=provider, tenant=resolved.tenant, target=kube.target if kube else None
+    )
+    min_ttl = assemble.min_ttl(resolved)
+    _print_status(report, output=args.output, min_ttl=min_ttl)
+    if args.check and report.problems(min_ttl=min_ttl):
+        return ExitCode.CHECK_FAILED
+    return ExitCode.OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rotator import demo
+
+    resolved = config.resolve(settings=config.OUTPUT_SETTINGS, flags=args)
+    _configure_logs(resolved)
+    return demo.run(out=sys.stdout)
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    from providers import registry
+
+    rows = []
+    for info in registry.discover().values():
+        try:
+            factory = registry.load(info.name)
+        except LgRotateError as exc:
+            rows.append(
+                {
+                    "name": info.name,
+                    "origin": info.origin,
+                    "installed": False,
+                    "problem": exc.one_line(),
+                    "summary": "",
+                    "install": "",
+                    "options": [],
+                }
+            )
+            continue
+        missing = registry.missing_modules(factory)
+        rows.append(
+            {
+                "name": info.name,
+                "origin": info.origin,
+                "installed": not missing,
+                "missing": missing,
+                "summary": factory.summary,
+                "install": registry.install_hint(factory) if missing else "",
+                "options": [
+                    {
+                        "flag": f"--{o.name}",
+                        "env": [f"LG_ROTATE_{o.key.upper()}", *o.env],
+                        "default": o.default,
+                        "required": o.required,
+                        "help": o.help,
+                    }
+                    for o in factory.options
+                ],
+            }
+        )
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return ExitCode.OK
+    for row in rows:
+        state = "installed" if row["installed"] else f"NOT INSTALLED: {row['install']}"
+        print(f"{row['name']:<8} {row['origin']:<10} {state}")
+        if row["summary"]:
+            print(f"         {row['summary']}")
+        for option in row["options"]:
+            need = "required" if option["required"] else f"default {option['default']}"
+            envs = ", ".join(option["env"])
+            print(f"         {option['flag']:<24} {need:<28} [{envs}]")
+    return ExitCode.OK
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def _configure_logs(resolved: config.Resolved) -> None:
+    logs.configure(log_format=resolved.log_format, level=resolved.log_level)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(int(seconds))
+    if seconds >= 3600:
+        return f"{sign}{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
+    return f"{sign}{seconds}s"
+
+
+def _short(fp: str | None) -> str:
+    return fp[:12] if fp else "-"
+
+
+def _print_rotation(report: RotationReport, *, output: str) -> None:
+    if output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    headline = {
+        "minted": "rotated: minted a fresh token",
+        "resumed": "rotated: delivered the token an interrupted run had stored",
+        "promoted-only": "rotated: finished an interrupted run (token already delivered)",
+        "would-mint": "dry run: would mint a fresh token",
+        "would-resume": "dry run: would deliver the pending token an interrupted run stored",
+    }[str(report.action)]
+    lines = [
+        f"{headline} for tenant {report.tenant}",
+        f"  fingerprint  {_short(report.fingerprint)} (was {_short(report.previous_fingerprint)})",
+        f"  store        {report.store_location} version {report.store_version or '-'}",
+    ]
+    if report.target_location:
+        lines.append(
+            f"  target       {report.target_location} revision {report.target_revision or '-'}"
+        )
+    if report.expires_at:
+        left = _duration(report.ttl_left_seconds)
+        lines.append(f"  expires      {report.expires_at.isoformat()} (in {left})")
+    lines.append(f"  took         {report.duration_seconds:.2f}s")
+    print("\n".join(lines))
+
+
+def _print_status(report: StatusReport, *, output: str, min_ttl: timedelta) -> None:
+    data = report.as_dict(min_ttl=min_ttl)
+    if output == "json":
+        print(json.dumps(data, indent=2))
+        return
+    header = f"{'':16}{'FINGERPRINT':14}{'VERSION':10}{'AGE':9}{'TTL LEFT':10}"
+    rows = [f"tenant {report.tenant}: store {report.store_location}", header]
+    store = data["store"]
+    assert isinstance(store, dict)
+    for label in ("current", "pending"):
+        rec = store[label]
+        if rec is None:
+            rows.append(f"{'store ' + label:16}-")
+            continue
+        rows.append(
+            f"{'store ' + label:16}{_short(rec['fingerprint']):14}{rec['version']:<10}"
+            f"{_duration(rec['ageSeconds']):9}{_duration(rec['ttlLeftSeconds']):10}"
+        )
+    if report.target_location:
+        target = report.target
+        if target is None:
+            rows.append(f"{'target':16}- ({report.target_location} does not exist)")
+        else:
+            t = data["target"]
+            assert isinstance(t, dict)
+            s = t["state"]
+            assert isinstance(s, dict)
+            rows.append(
+                f"{'target':16}{_short(target.fingerprint):14}{'rv ' + str(target.revision):10}"
+                f"{_duration(s['ageSeconds']):9}{_duration(s['ttlLeftSeconds']):10}"
+                f"  {report.target_location}"
+            )
+        rows.append(f"in sync: {'yes' if report.in_sync else 'NO'}")
+    for problem in report.problems(min_ttl=min_ttl):
+        rows.append(f"! {problem}")
+    print("\n".join(rows))
+
+
+# --- entry point ---------------------------------------------------------------------
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """The bare form ``lg-rotate --provider vault --tenant T`` means ``rotate``."""
+    bare = bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")
+    return ["rotate", *argv] if bare else argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 (one return per outcome)
+    # First thing: take the LinuxGuard API key out of the environment, so it is neither
+    # inherited by a child process nor readable in /proc/<pid>/environ of a later exec.
+    assemble.API_KEY.capture()
+    args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    if not args_list:
+        parser.print_help()
+        return ExitCode.CONFIG
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse already printed the usage error
+        return ExitCode.OK if exc.code in (0, None) else ExitCode.CONFIG
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return ExitCode.CONFIG
+    try:
+        return int(handler(args))
+    except LgRotateError as exc:
+        log.debug("failure detail", exc_info=True)
+        print(f"lg-rotate: error: {logs.redact(exc.one_line())}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("lg-rotate: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:
+        log.debug("unexpected failure", exc_info=True)
+        print(
+            f"lg-rotate: internal error: {type(exc).__name__}: {logs.redact(str(exc))} "
+            "(fix: rerun with --log-level debug and report it)",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERNAL
