@@ -89,7 +89,16 @@ def normalize(raw: str) -> Secret:
     Error messages describe the problem (length, position of a bad character)
     without ever quoting the value.
     """
-    text = raw.strip().upper()
+    text = raw.strip()
+    for position, char in enumerate(text, start=1):
+        # Before upper(): "ß".upper() is "SS" and the dotless i upper-cases to "I": they would turn
+        # a foreign string into a valid-looking token.
+        if not char.isascii():
+            raise TokenFormatError(
+                f"the token has a character outside base32 (A-Z, 2-7) at position {position}",
+                fix="use the token exactly as LinuxGuard issued it",
+            )
+    text = text.upper()
     if not text:
         raise TokenFormatError(
             "the token is empty",
