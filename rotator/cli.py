@@ -16,12 +16,13 @@ from datetime import timedelta
 from typing import Any
 
 from rotator import __version__, assemble, config, logs
-from rotator.errors import ExitCode, LgRotateError
+from rotator.errors import ExitCode, LgRotateError, TokenError
 from rotator.rotation import RotationReport, StatusReport
+from rotator.tokens import EnrollToken
 
 log = logging.getLogger("lg_rotate.cli")
 
-COMMANDS = ("rotate", "status", "demo", "sandbox", "providers", "audit")
+COMMANDS = ("rotate", "status", "exec", "emit", "demo", "sandbox", "providers", "audit")
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -57,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help=f"exit {int(ExitCode.CHECK_FAILED)} on any problem"
     )
     status.set_defaults(handler=cmd_status)
+
+    exec_parser = commands.add_parser(
+        "exec",
+        help="mint a token and exec COMMAND with it in COMMAND's environment only",
+        description="One launch consumes one token: by default a fresh token is minted and "
+        "stored, then COMMAND replaces lg-rotate with LINUXGUARD_ENROLL_TOKEN and "
+        "LINUXGUARD_TENANT_ID in its environment. Example: lg-rotate exec --provider vault "
+        "--tenant acme -- docker run -e LINUXGUARD_ENROLL_TOKEN -e LINUXGUARD_TENANT_ID IMAGE",
+    )
+    _add_token_source(exec_parser)
+    exec_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    exec_parser.set_defaults(handler=cmd_exec)
+
+    emit = commands.add_parser(
+        "emit",
+        help="write a fresh token to stdout (a pipe only) for wrappers",
+        description="Writes the token to stdout when stdout is not a terminal (else refuses "
+        "unless --force). Safe: docker run --env-file <(lg-rotate emit -f env ...) IMAGE. "
+        "On any failure nothing is written to stdout.",
+    )
+    _add_token_source(emit)
+    emit.add_argument("-f", "--format", choices=("raw", "env", "json"), default="raw")
+    emit.add_argument("--force", action="store_true", help="write even to a terminal")
+    emit.set_defaults(handler=cmd_emit)
 
     demo = commands.add_parser(
         "demo", help="a full rotation and an agent enrolment against an embedded sandbox"
@@ -125,6 +150,16 @@ def _add_common(parser: argparse.ArgumentParser, *, source: bool, kube: bool) ->
     if kube:
         config.add_arguments(parser, config.KUBE_SETTINGS, title="Kubernetes")
     config.add_arguments(parser, config.OUTPUT_SETTINGS, title="output")
+
+
+def _add_token_source(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, source=True, kube=False)
+    parser.add_argument(
+        "--from-store",
+        action="store_true",
+        help="use the store's current token instead of minting (refused if it has less "
+        "than --min-ttl left; it may already have been used by another launch)",
+    )
 
 
 def _settings_for(args: argparse.Namespace, *, source: bool) -> list[config.Setting]:
@@ -196,6 +231,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_status(report, output=args.output, min_ttl=min_ttl)
     if args.check and report.problems(min_ttl=min_ttl):
         return ExitCode.CHECK_FAILED
+    return ExitCode.OK
+
+
+def _launch_token(args: argparse.Namespace) -> EnrollToken:
+    """A token for one launch: the store's current one, or (default) a fresh rotation."""
+    from providers.base import Stage
+    from rotator.rotation import Rotator
+
+    resolved, config_file = _resolve(args, source=True)
+    _configure_logs(resolved)
+    config.require(resolved, "tenant", why="whose token to hand over")
+    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    min_ttl = assemble.min_ttl(resolved)
+    if args.from_store:
+        record = provider.read(tenant=resolved.tenant, stage=Stage.CURRENT)
+        if record is None:
+            raise TokenError(
+                f"{provider.location(tenant=resolved.tenant)} holds no current token",
+                fix="run lg-rotate rotate first, or drop --from-store to mint one",
+            )
+        record.token.check_usable(tenant_id=resolved.tenant, min_ttl=min_ttl)
+        return record.token
+    rotator = Rotator(
+        minter=assemble.build_minter(resolved),
+        provider=provider,
+        tenant=resolved.tenant,
+        min_ttl=min_ttl,
+        ttl_seconds=resolved.ttl,
+        keep_versions=resolved.keep_versions,
+    )
+    report = rotator.rotate(resume=False)  # a launch consumes a token: always a fresh one
+    assert report.record is not None
+    return report.record.token
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from rotator import launch
+
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    launch.check_command_line(argv)  # before minting: a refused launch costs no token
+    executable = launch.resolve_executable(argv)
+    launch.warn_if_token_not_forwarded(argv)
+    token = _launch_token(args)
+    launch.check_command_line(argv, token=token)
+    launch.exec_with_token(argv, executable=executable, token=token)
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from rotator import launch
+
+    launch.check_emit_destination(sys.stdout, force=args.force)
+    token = _launch_token(args)
+    launch.emit(token, fmt=args.format, stream=sys.stdout)
     return ExitCode.OK
 
 

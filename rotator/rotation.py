@@ -79,6 +79,9 @@ class RotationReport:
     duration_seconds: float
     pruned: int
     dry_run: bool
+    # The record delivered (None for a dry run), for callers that hand the token on
+    # themselves (exec/emit). Not part of as_dict(): reports never carry the token.
+    record: StoredRecord | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -266,6 +269,7 @@ class Rotator:
             duration_seconds=time.monotonic() - started,
             pruned=pruned,
             dry_run=False,
+            record=record,
         )
 
     def _dry_run_report(

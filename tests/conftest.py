@@ -12,5 +12,5 @@ from pathlib import Path
 pytest_plugins = sorted(
     f"fixtures.{path.stem}"
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
-    if not path.name.startswith("_")
+    if not path.name.startswith("_") and path.stem != "ports"  # ports: a helper, not a plugin
 )

@@ -1,0 +1,136 @@
+"""``lg-rotate demo``: the main job end to end on an embedded default.
+
+Starts the LinuxGuard sandbox in this process, uses the in-memory store and an
+in-memory "Secret", runs a full rotation, then starts simulated agents as child
+processes that get the token only through their environment (and drop it at once):
+
+1. agent ``pod-a`` enrols with the delivered token;
+2. agent ``pod-b`` tries the same token and is refused with 409 (one token per pod,
+   the vendor's re-use anti-pattern);
+3. lg-rotate rotates again and ``pod-b`` enrols with the fresh token.
+
+Exit 0 only if all three turn out as expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from providers.memory import MemoryProvider, MemoryStore
+from rotator.errors import ExitCode
+from rotator.launch import child_environment
+from rotator.linuxguard import LinuxGuardClient
+from rotator.rotation import RotationReport, Rotator
+from rotator.sandbox import SandboxServer
+from rotator.targets import MemoryTarget
+from rotator.tokens import EnrollToken, Secret
+
+DEMO_TENANT = "demo-tenant"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentRun:
+    workload_id: str
+    exit_code: int
+    answer: dict[str, object]
+
+    @property
+    def enrolled(self) -> bool:
+        return self.exit_code == 0 and self.answer.get("result") in ("enrolled", "replay")
+
+    def describe(self) -> str:
+        status = self.answer.get("status", "?")
+        result = self.answer.get("result", "no answer")
+        return f"{result} (HTTP {status})"
+
+
+def run_agent(*, url: str, token: EnrollToken, workload_id: str) -> AgentRun:
+    """Start ``python -m rotator.agent`` with the token in its environment only."""
+    env = child_environment(token, base=os.environ)
+    env["LINUXGUARD_URL"] = url
+    completed = subprocess.run(
+        [sys.executable, "-m", "rotator.agent", "--workload-id", workload_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    answer: dict[str, object] = {}
+    for line in reversed(completed.stdout.splitlines()):
+        try:
+            answer = json.loads(line)
+            break
+        except ValueError:
+            continue
+    return AgentRun(workload_id=workload_id, exit_code=completed.returncode, answer=answer)
+
+
+def run(*, out: TextIO) -> int:
+    started = time.monotonic()
+    with SandboxServer() as sandbox:
+        sandbox_url = sandbox.url
+        minter = LinuxGuardClient(base_url=sandbox.url, api_key=Secret(sandbox.api_key))
+        target = MemoryTarget(name="linuxguard-enroll")
+        rotator = Rotator(
+            minter=minter,
+            provider=MemoryProvider(store=MemoryStore()),
+            tenant=DEMO_TENANT,
+            target=target,
+        )
+        first = rotator.rotate()
+        assert target.token is not None
+        pod_a = run_agent(url=sandbox.url, token=target.token, workload_id="pod-a")
+        reused = run_agent(url=sandbox.url, token=target.token, workload_id="pod-b")
+        second = rotator.rotate()
+        pod_b = run_agent(url=sandbox.url, token=target.token, workload_id="pod-b")
+
+    ok = (
+        pod_a.enrolled
+        and not reused.enrolled
+        and reused.answer.get("status") == 409
+        and pod_b.enrolled
+    )
+    _print_report(
+        out=out,
+        sandbox_url=sandbox_url,
+        rotations=(first, second),
+        runs=(("pod-a", pod_a), ("pod-b, same token", reused), ("pod-b, after rotation", pod_b)),
+        seconds=time.monotonic() - started,
+        ok=ok,
+    )
+    return ExitCode.OK if ok else ExitCode.INTERNAL
+
+
+def _print_report(
+    *,
+    out: TextIO,
+    sandbox_url: str,
+    rotations: tuple[RotationReport, RotationReport],
+    runs: tuple[tuple[str, AgentRun], ...],
+    seconds: float,
+    ok: bool,
+) -> None:
+    first, second = rotations
+    lines = [
+        f"lg-rotate demo: LinuxGuard sandbox at {sandbox_url}, in-memory store, tenant {DEMO_TENANT}",
+        f"  rotation 1   token {first.fingerprint and first.fingerprint[:12]}  "
+        f"ttl {int(first.ttl_left_seconds or 0)}s  took {first.duration_seconds * 1000:.0f} ms",
+    ]
+    for label, agent in runs[:2]:
+        lines.append(f"  agent        {label:<24} {agent.describe()}")
+    lines.append(
+        f"  rotation 2   token {second.fingerprint and second.fingerprint[:12]}  "
+        f"ttl {int(second.ttl_left_seconds or 0)}s  took {second.duration_seconds * 1000:.0f} ms"
+    )
+    for label, agent in runs[2:]:
+        lines.append(f"  agent        {label:<24} {agent.describe()}")
+    verdict = "OK: every pod enrolled with a token of its own" if ok else "FAILED"
+    lines.append(f"  result       {verdict} ({seconds:.2f}s)")
+    out.write("\n".join(lines) + "\n")
