@@ -119,7 +119,8 @@ def _print_report(
 ) -> None:
     first, second = rotations
     lines = [
-        f"lg-rotate demo: LinuxGuard sandbox at {sandbox_url}, in-memory store, tenant {DEMO_TENANT}",
+        f"lg-rotate demo: LinuxGuard sandbox at {sandbox_url}, in-memory store, "
+        f"tenant {DEMO_TENANT}",
         f"  rotation 1   token {first.fingerprint and first.fingerprint[:12]}  "
         f"ttl {int(first.ttl_left_seconds or 0)}s  took {first.duration_seconds * 1000:.0f} ms",
     ]

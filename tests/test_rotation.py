@@ -12,7 +12,7 @@ import pytest
 
 from providers.base import Stage
 from providers.memory import MemoryProvider, MemoryStore
-from rotator.errors import TokenError
+from rotator.errors import LgRotateError, TokenError
 from rotator.linuxguard import LinuxGuardClient
 from rotator.retrying import RetryPolicy
 from rotator.rotation import Action, Rotator, Step, read_status
@@ -157,7 +157,7 @@ def test_invalid_answers_change_nothing(sandbox, minter, provider, target, mode)
     before = provider.read(tenant=TENANT, stage=Stage.CURRENT)
     sandbox.set_mint_mode(mode)
 
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(LgRotateError) as caught:
         make_rotator(minter, provider, target).rotate()
 
     assert caught.value.exit_code in (3, 4)  # LinuxGuard answer unusable / token rejected
