@@ -484,3 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 (one return
             file=sys.stderr,
         )
         return ExitCode.INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
