@@ -103,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     providers_parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     providers_parser.set_defaults(handler=cmd_providers)
 
-    from rotator import audit
-
     audit_parser = commands.add_parser(
-        "audit", help="find token-leaking anti-patterns in manifests or a cluster"
+        "audit",
+        help="find token-leaking anti-patterns in manifests or a cluster",
+        add_help=False,  # `lg-rotate audit --help` is answered by the audit parser itself
     )
-    audit.add_audit_arguments(audit_parser)
-    audit_parser.set_defaults(handler=audit.run_audit_command)
+    audit_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    audit_parser.set_defaults(handler=cmd_audit)
     return parser
 
 
@@ -295,6 +295,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     resolved = config.resolve(settings=config.OUTPUT_SETTINGS, flags=args)
     _configure_logs(resolved)
     return demo.run(out=sys.stdout)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    # The audit has its own parser, built only when it runs (keeps `rotate` start-up light).
+    from rotator import audit
+
+    parser = argparse.ArgumentParser(prog="lg-rotate audit", description=audit.__doc__)
+    audit.add_audit_arguments(parser)
+    try:
+        audit_args = parser.parse_args(args.rest)
+    except SystemExit as exc:
+        return ExitCode.OK if exc.code in (0, None) else ExitCode.CONFIG
+    return int(audit.run_audit_command(audit_args))
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
