@@ -410,13 +410,26 @@ class AwsProvider:
             move: dict[str, Any] = {"MoveToVersionId": version}
             if holder is not None:
                 move["RemoveFromVersionId"] = holder
-            self._call(
-                "UpdateSecretVersionStage",
-                where=where,
-                SecretId=name,
-                VersionStage=CURRENT,
-                **move,
-            )
+            try:
+                self._call(
+                    "UpdateSecretVersionStage",
+                    where=where,
+                    SecretId=name,
+                    VersionStage=CURRENT,
+                    **move,
+                )
+            except StoreError as exc:
+                if isinstance(exc, StorePermissionError | StoreUnavailableError):
+                    raise
+                now = self._version_stages(name=name, where=where) or {}
+                if _holder(now, CURRENT) == holder:
+                    raise  # AWSCURRENT did not move: the refusal is about something else
+                raise StoreConflictError(
+                    f"AWSCURRENT of {where} moved to another version while promoting "
+                    f"version {version}",
+                    fix="another rotation ran at the same time; check lg-rotate status "
+                    "and rotate again if needed",
+                ) from exc
         # After AWSCURRENT moved: a crash in between leaves a current version still
         # labelled pending, which a resumed run promotes again (never an unlabelled one).
         if PENDING in labels:
@@ -444,6 +457,12 @@ class AwsProvider:
         return self._record(answer, where=where, stage=stage)
 
     def prune(self, *, tenant: str, keep: int) -> int:
+        """Take the labels off labelled versions beyond the newest ``keep``.
+
+        Only labelled versions count (AWS keeps at most current, pending and previous
+        for lg-rotate, and deletes unlabelled ones itself), so with ``keep >= 3`` this
+        rarely has work; current and pending are never touched.
+        """
         name = self.secret_name(tenant=tenant)
         where = self.location(tenant=tenant)
         if self._version_stages(name=name, where=where) is None:
@@ -529,11 +548,13 @@ class AwsProvider:
         )
         existing = self._record(answer, where=where, stage=Stage.PENDING) if answer else None
         # Compare values only: the record keeps the expiry to the second, the token may not.
-        if (
-            existing is None
-            or existing.rotation_id != rotation_id
-            or existing.token.value != token.value
-        ):
+        if existing is None:
+            raise StoreConflictError(
+                f"rotation {rotation_id} has a version {version_id} in {where} that "
+                "cannot be read back",
+                fix="start a new rotation (a new rotation id)",
+            )
+        if existing.rotation_id != rotation_id or existing.token.value != token.value:
             raise StoreConflictError(
                 f"rotation {rotation_id} already stored a different token in {where} "
                 f"(version {version_id})",

@@ -275,6 +275,26 @@ def test_promote_moves_current_and_previous_and_clears_pending(
     assert holders(aws_provider, "AWSPREVIOUS") == [first]
 
 
+def test_promote_racing_another_promotion_is_a_conflict(
+    aws_provider: AwsProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rotate(aws_provider)
+    ours = rotate(aws_provider, promote=False)
+    # What promote saw before another run moved AWSCURRENT under it.
+    stale = aws_provider._version_stages(
+        name=aws_provider.secret_name(tenant=TENANT), where="stale"
+    )
+    theirs = rotate(aws_provider)  # takes AWSPENDING from ours, then AWSCURRENT
+    real = aws_provider._version_stages
+    calls = iter([stale])
+    monkeypatch.setattr(
+        aws_provider, "_version_stages", lambda **kw: next(calls, None) or real(**kw)
+    )
+    with pytest.raises(StoreConflictError, match="moved to another version"):
+        aws_provider.promote(tenant=TENANT, version=ours)
+    assert holders(aws_provider, "AWSCURRENT") == [theirs]
+
+
 def test_promote_of_unknown_version_is_a_conflict(aws_provider: AwsProvider) -> None:
     rotate(aws_provider)
     with pytest.raises(StoreConflictError, match="no live version"):
