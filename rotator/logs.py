@@ -67,22 +67,22 @@ class TextFormatter(logging.Formatter):
 def configure(
     *, log_format: str = "auto", level: str = "info", stream: TextIO | None = None
 ) -> None:
-    """Install one stderr handler on the ``lg_rotate`` logger (idempotent)."""
+    """Install one redacting stderr handler on the root logger (idempotent).
+
+    The handler sits on the root so that library records (which propagate there, and
+    which a logger-level filter would not see) are redacted too. Libraries stay at
+    WARNING whatever ``level`` says: SDKs log whole request bodies at DEBUG.
+    """
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
-    logger = logging.getLogger(ROOT)
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
-    # Libraries log through their own loggers: keep their noise out and their text redacted.
-    for noisy in ("urllib3", "kubernetes", "botocore", "hvac", "google", "grpc"):
-        lib = logging.getLogger(noisy)
-        lib.setLevel(logging.WARNING)
-        if not any(isinstance(f, RedactingFilter) for f in lib.filters):
-            lib.addFilter(RedactingFilter())
+    handler.set_name("lg-rotate")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "lg-rotate"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger(ROOT).setLevel(level.upper())
