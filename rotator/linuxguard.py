@@ -25,6 +25,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 from collections.abc import Callable, MutableMapping
@@ -50,6 +51,8 @@ USER_AGENT = f"lg-rotate/{__version__}"
 _MAX_BODY = 1024 * 1024
 _MAX_MESSAGE = 200
 _LOGGER = logging.getLogger("lg_rotate.linuxguard")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_TOKEN_LIKE_ANYWHERE = re.compile(r"(?:[A-Za-z2-7]{4}-){5,7}[A-Za-z2-7]{1,4}|[A-Za-z2-7]{24,}")
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -61,8 +64,11 @@ def sanitize_server_message(text: str, *, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
+    text = _ANSI_ESCAPE.sub(" ", text)
     text = "".join(ch if ch.isprintable() else " " for ch in text)
     text = TOKEN_SHAPED.sub(REDACTED, " ".join(text.split()))
+    # Server text is untrusted: also catch token-like runs glued to other characters.
+    text = _TOKEN_LIKE_ANYWHERE.sub(REDACTED, text)
     if len(text) > _MAX_MESSAGE:
         text = text[: _MAX_MESSAGE - 3] + "..."
     return text

@@ -190,6 +190,7 @@ class SandboxServer:
         self.host = host
         self._requested_port = port
         self.ttl = ttl
+        self._initial_ttl = ttl
         self.admin = admin
         self.token_length = token_length
         self.grouping: Grouping = grouping
@@ -324,13 +325,15 @@ class SandboxServer:
             self._mint_modes.clear()
 
     def reset(self, *, keep_keys: bool = False) -> None:
-        """Forget tokens, counters, faults and clock offset; keys back to the initial set."""
+        """Forget tokens, counters, faults, clock offset and TTL changes; keys back to the
+        initial set unless ``keep_keys``."""
         with self._lock:
             self._reset_locked(keep_keys=keep_keys)
 
     def _reset_locked(self, *, keep_keys: bool) -> None:
         if not keep_keys:
             self._keys: dict[str, str | None] = dict(self._initial_keys)
+        self.ttl = self._initial_ttl
         self._clock_offset = timedelta(0)
         self._faults: list[_PendingFault] = []
         self._mint_modes: list[str] = []

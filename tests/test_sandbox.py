@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -494,36 +495,39 @@ def test_serve_forever_announces_one_line_and_stops() -> None:
 def test_sandbox_command_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
     key_file = tmp_path / "sandbox.key"
     env = {k: v for k, v in os.environ.items() if k != "LINUXGUARD_API_KEY"}
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "rotator.sandbox", "--port", "0", "--api-key-file", str(key_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
         env=env,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"listening on (http://127\.0\.0\.1:(\d+))", line)
-        assert match, line
-        assert str(key_file) in line
-        key = key_file.read_text().strip()
-        assert key.startswith("lgsbx-")
-        assert key not in line
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        connection = http.client.HTTPConnection("127.0.0.1", int(match.group(2)), timeout=5)
-        connection.request(
-            "POST",
-            "/api/tokens/new",
-            body=b'{"tenantId": "acme"}',
-            headers={"Authorization": f"Bearer {key}"},
-        )
-        assert connection.getresponse().status == 201
-        connection.close()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+    ) as process:
+        try:
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], 10)
+            assert ready, "the sandbox printed nothing within 10 s"
+            line = process.stdout.readline()
+            match = re.search(r"listening on (http://127\.0\.0\.1:(\d+))", line)
+            assert match, line
+            assert str(key_file) in line
+            key = key_file.read_text().strip()
+            assert key.startswith("lgsbx-")
+            assert key not in line
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            connection = http.client.HTTPConnection("127.0.0.1", int(match.group(2)), timeout=5)
+            connection.request(
+                "POST",
+                "/api/tokens/new",
+                body=b'{"tenantId": "acme"}',
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert connection.getresponse().status == 201
+            connection.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=10)
+        assert process.returncode == 0, errors
 
 
 def test_sandbox_key_sources(tmp_path: Path) -> None:
@@ -676,3 +680,10 @@ def test_take_enroll_token_removes_the_variable() -> None:
     assert token.reveal() == "ABCD-EFGH-IJKL-MNOP-QRST-UVWX"
     assert env == {"OTHER": "1"}
     assert agent.take_enroll_token(env) is None
+
+
+def test_reset_restores_the_ttl(sandbox: SandboxServer) -> None:
+    sandbox.ttl = timedelta(seconds=90)
+    assert mint(sandbox)["ttlSeconds"] == 90
+    sandbox.reset()
+    assert mint(sandbox)["ttlSeconds"] == 600
