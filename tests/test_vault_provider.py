@@ -20,9 +20,9 @@ from typing import Any
 
 import hvac
 import pytest
+
 from fixtures.openbao import OpenBaoServer
 from fixtures.ports import free_port
-
 from providers import registry
 from providers.base import Stage
 from providers.vault import VaultProvider
