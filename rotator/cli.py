@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from rotator import __version__, assemble, config, logs
-from rotator.errors import ExitCode, LgRotateError, TokenError
+from rotator.errors import ConfigError, ExitCode, LgRotateError, TokenError
 from rotator.rotation import RotationReport, StatusReport
 from rotator.tokens import EnrollToken
 
@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="show what would change (fingerprints only)"
     )
     rotate.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    restart = rotate.add_argument_group("pre-rollout step")
+    restart.add_argument(
+        "--restart",
+        metavar="KIND/NAME",
+        help="after rotating, restart this workload like `kubectl rollout restart` "
+        "(daemonset/NAME, deployment/NAME, statefulset/NAME)",
+    )
+    restart.add_argument(
+        "--wait", action="store_true", help="follow the restart until the rollout completes"
+    )
+    restart.add_argument(
+        "--timeout",
+        type=config.parse_seconds,
+        default=600.0,
+        metavar="DURATION",
+        help="give up waiting for the rollout after this long (default 600s)",
+    )
     rotate.set_defaults(handler=cmd_rotate)
 
     status = commands.add_parser("status", help="compare the store with the Secret")
@@ -211,9 +228,108 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         ttl_seconds=resolved.ttl,
         keep_versions=resolved.keep_versions,
     )
+    workload = _parse_restart(args, kube)
     report = rotator.rotate(dry_run=args.dry_run)
     _print_rotation(report, output=args.output)
+    if workload is not None and kube is not None and not args.dry_run:
+        _restart(
+            kube, workload=workload, secret=resolved.secret, wait=args.wait, timeout=args.timeout
+        )
     return ExitCode.OK
+
+
+def _parse_restart(
+    args: argparse.Namespace, kube: assemble.KubeParts | None
+) -> tuple[str, str] | None:
+    """Validate --restart before rotating: a typo must not cost a token."""
+    if not args.restart:
+        if args.wait:
+            raise ConfigError("--wait follows a restart", fix="add --restart daemonset/NAME")
+        return None
+    if kube is None:
+        raise ConfigError(
+            "--restart needs the Kubernetes target", fix="drop --target none or drop --restart"
+        )
+    from rotator import kube as kube_module
+
+    return kube_module.parse_workload_ref(args.restart)
+
+
+def _restart(
+    kube: assemble.KubeParts, *, workload: tuple[str, str], secret: str, wait: bool, timeout: float
+) -> None:
+    from rotator import kube as kube_module
+    from rotator.tokens import utcnow
+
+    kind, name = workload
+    if kind == "daemonset" and not _controller_running(kube, secret=secret):
+        log.warning(
+            "every pod %s/%s restarts with the same token, and only the first to enrol will "
+            "succeed (409 for the others): run `lg-rotate watch` (one fresh token per pod) or "
+            "use `lg-rotate roll daemonset/%s` (pod by pod, a token each)",
+            kube.namespace,
+            name,
+            name,
+        )
+    kube_module.restart_workload(
+        api_client=kube.api_client, namespace=kube.namespace, kind=kind, name=name, at=utcnow()
+    )
+    if not wait:
+        return
+    progress = _ProgressPrinter()
+    try:
+        kube_module.wait_for_rollout(
+            api_client=kube.api_client,
+            namespace=kube.namespace,
+            kind=kind,
+            name=name,
+            timeout=timeout,
+            on_progress=progress,
+        )
+    finally:
+        progress.close()
+
+
+def _controller_running(kube: assemble.KubeParts, *, secret: str) -> bool:
+    from rotator import controller
+
+    return controller.is_running(
+        api_client=kube.api_client, namespace=kube.namespace, secret_name=secret
+    )
+
+
+class _ProgressPrinter:
+    """Rollout progress: one rewritten line on a terminal, JSON lines otherwise (stderr)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, progress: Any) -> None:
+        if self.tty:
+            text = progress.describe()
+            sys.stderr.write("\r" + text.ljust(len(self.last)))
+            self.last = text
+        else:
+            sys.stderr.write(
+                json.dumps(
+                    {
+                        "event": "rollout",
+                        "workload": f"{progress.kind}/{progress.name}",
+                        "desired": progress.desired,
+                        "updated": progress.updated,
+                        "ready": progress.ready,
+                        "available": progress.available,
+                        "done": progress.done,
+                    }
+                )
+                + "\n"
+            )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
