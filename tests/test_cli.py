@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -342,3 +343,22 @@ def test_emit_failure_writes_nothing_to_stdout(sandbox):
     assert result.returncode in (3, 4)
     assert result.stdout == ""
     assert re.search(r"token", result.stderr)
+
+
+def test_a_plugin_provider_is_listed_and_rotates(sandbox):
+    plugin_dir = str(Path(__file__).parent / "plugin_dist")
+    listed = run(["providers", "-o", "json"], env={"PYTHONPATH": plugin_dir})
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["example"]["origin"] == "lg-rotate-example-provider"
+    assert rows["example"]["options"][0]["flag"] == "--example-prefix"
+
+    args = [*mint_args(sandbox), "-o", "json"]
+    args[args.index("memory")] = "example"
+    result = run(
+        [*args, "--provider-option", "example-prefix=team"],
+        env={**key_env(sandbox), "PYTHONPATH": plugin_dir},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["store"] == "example:team/acme"
+    assert report["fingerprint"] == sandbox.minted()[0].fingerprint
