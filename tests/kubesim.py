@@ -185,6 +185,7 @@ class KubeSim(kmock.KubernetesEmulator):
     _revision: int = attrs.field(default=0, init=False)
     _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _write_hooks: list[WriteHook] = attrs.field(factory=list, init=False)
+    _hook_task: asyncio.Task[Any] | None = attrs.field(default=None, init=False)
     journal: collections.deque[kmock.Request] = attrs.field(
         factory=lambda: collections.deque(maxlen=_JOURNAL_SIZE), init=False
     )
@@ -225,6 +226,14 @@ class KubeSim(kmock.KubernetesEmulator):
     ) -> dict[str, Any]:
         """Merge-patch a stored object as another client would (new resourceVersion,
         a MODIFIED watch event). Safe to call from a write hook."""
+        if asyncio.current_task() is self._hook_task:  # the hook's write holds the write lock
+            return await self._modify(resource, namespace, name, patch)
+        async with self._write_lock:
+            return await self._modify(resource, namespace, name, patch)
+
+    async def _modify(
+        self, resource: kmock.resource, namespace: str | None, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
         async with self._lock:
             stored = self.objects[resource, namespace, name]
             obj = kmock.Object(copy.deepcopy(stored.raw))
@@ -257,10 +266,14 @@ class KubeSim(kmock.KubernetesEmulator):
         if request.resource is None or request.action not in _WRITE_ACTIONS:
             return await super()._handle(request)
         async with self._write_lock:
-            for hook in list(self._write_hooks):
-                result = hook(request)
-                if inspect.isawaitable(result):
-                    await result
+            self._hook_task = asyncio.current_task()
+            try:
+                for hook in list(self._write_hooks):
+                    result = hook(request)
+                    if inspect.isawaitable(result):
+                        await result
+            finally:
+                self._hook_task = None
             request = self._replace(request, self._prepare_write(request))
             return await super()._handle(request)
 

@@ -164,6 +164,23 @@ def test_sim_rejects_stale_resource_version(core: client.CoreV1Api, k8s_namespac
     assert replaced.metadata.uid == created.metadata.uid
 
 
+def test_sim_modify_acts_as_another_writer(
+    k8s: KubeCluster, core: client.CoreV1Api, k8s_namespace: str
+) -> None:
+    created = core.create_namespaced_secret(k8s_namespace, {"metadata": {"name": "s"}})
+    changed = k8s.modify("v1/secrets", k8s_namespace, "s", {"metadata": {"labels": {"by": "x"}}})
+    assert int(changed["metadata"]["resourceVersion"]) > int(created.metadata.resource_version)
+    with pytest.raises(client.ApiException) as stale:
+        core.patch_namespaced_secret(
+            "s",
+            k8s_namespace,
+            {"metadata": {"resourceVersion": created.metadata.resource_version}},
+            _content_type=kube.MERGE_PATCH,
+        )
+    assert stale.value.status == 409
+    assert core.read_namespaced_secret("s", k8s_namespace).metadata.labels == {"by": "x"}
+
+
 def test_sim_generation_follows_spec(k8s: KubeCluster, api: Any, k8s_namespace: str) -> None:
     create_daemonset(api, k8s_namespace, "agent")
     apps = client.AppsV1Api(api)
