@@ -27,7 +27,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
@@ -213,8 +213,8 @@ class Location:
         if self.file is None:
             return self.resource
         where = f"{self.file}:{self.line}" if self.line else self.file
-        if self.kind or self.name:
-            where += f" ({self.kind or '?'}/{self.name or '?'})"
+        if self.name:
+            where += f" ({self.kind or '?'}/{self.name})"
         return where
 
     def to_json(self) -> dict[str, Any]:
@@ -513,6 +513,12 @@ class Container:
     compose_entrypoint: bool = False  # compose: `command` replaces CMD, `entrypoint` ENTRYPOINT
     env_files: list[tuple[str, Path_]] = field(default_factory=list)  # compose env_file
     mounts: list[tuple[str, Path_]] = field(default_factory=list)  # mountPath/subPath
+
+    def location(self, path: Path_) -> Location:
+        location = self.doc.location(path)
+        if self.compose_entrypoint:  # a compose file: the service is the object
+            return replace(location, kind="service", name=self.name)
+        return location
 
     @property
     def argv(self) -> list[str]:
@@ -872,9 +878,10 @@ def check_env_literals(audit: Audit) -> None:
                 re.search(r"(?i)enroll|token", var.name) is not None and looks_like_token(value)
             )
             if token_named:
+                path = var.path if container.compose_entrypoint else (*var.path, "value")
                 audit.add(
                     "LG001",
-                    container.doc.location(var.path),
+                    container.location(path),
                     f"{var.name} in container {container.name!r} is {describe_value(value)}",
                 )
 
@@ -904,25 +911,29 @@ def check_argv(audit: Audit) -> None:
                 if re.search(r"--enroll-token\b", word):
                     audit.add(
                         "LG002",
-                        container.doc.location(path),
+                        container.location(path),
                         f"container {container.name!r} passes --enroll-token in {key}",
                     )
-                elif (
-                    f"$({TOKEN_ENV})" in word
-                    or f"${{{TOKEN_ENV}}}" in word
-                    or re.search(rf"\${TOKEN_ENV}\b", word)
-                ):
+                elif _expands_token(word, compose=container.compose_entrypoint):
                     audit.add(
                         "LG002",
-                        container.doc.location(path),
+                        container.location(path),
                         f"container {container.name!r} expands {TOKEN_ENV} into its {key}",
                     )
                 elif TOKEN_SHAPED.search(word) and is_agent(container):
                     audit.add(
                         "LG002",
-                        container.doc.location(path),
+                        container.location(path),
                         f"container {container.name!r} has a token-shaped word in {key}",
                     )
+
+
+def _expands_token(word: str, *, compose: bool) -> bool:
+    """The kubelet expands $(VAR) in command/args; compose expands $VAR / ${VAR}. (A shell
+    expanding "$VAR" inside its script is another matter: its own argv keeps the name.)"""
+    if f"$({TOKEN_ENV})" in word:
+        return True
+    return compose and re.search(rf"\$\{{?{TOKEN_ENV}\b", word) is not None
 
 
 def check_config_maps(audit: Audit) -> None:
@@ -998,7 +1009,7 @@ def check_config_map_refs(audit: Audit) -> None:
             if var.config_map:
                 audit.add(
                     "LG004",
-                    container.doc.location(var.path),
+                    container.location(var.path),
                     f"{TOKEN_ENV} in container {container.name!r} comes from ConfigMap "
                     f"{var.config_map[0]!r} (configMapKeyRef)",
                 )
@@ -1011,7 +1022,7 @@ def check_config_map_refs(audit: Audit) -> None:
             if any(ref.prefix + key == TOKEN_ENV or TOKEN_KEY.match(key) for key in keys):
                 audit.add(
                     "LG004",
-                    container.doc.location(ref.path),
+                    container.location(ref.path),
                     f"container {container.name!r} takes the token from ConfigMap "
                     f"{ref.name!r} (envFrom)",
                 )
@@ -1023,7 +1034,7 @@ def check_config_map_refs(audit: Audit) -> None:
             ):
                 audit.add(
                     "LG004",
-                    container.doc.location(ref.path),
+                    container.location(ref.path),
                     f"agent container {container.name!r} sets no {TOKEN_ENV}; it can only "
                     f"come from ConfigMap {ref.name!r} (envFrom)",
                 )
@@ -1045,7 +1056,7 @@ def check_wrappers(audit: Audit) -> None:
             if _receives_token(container):
                 audit.add(
                     "LG005",
-                    container.doc.location(container.path),
+                    container.location(container.path),
                     f"init container {container.name!r} receives {TOKEN_ENV} and runs "
                     "before the agent",
                 )
@@ -1059,14 +1070,14 @@ def check_wrappers(audit: Audit) -> None:
             )
             audit.add(
                 "LG005",
-                container.doc.location((*container.path, key, 0)),
+                container.location((*container.path, key, 0)),
                 f"container {container.name!r} starts {wrapper!r} before the agent",
             )
         hook = _get(container.doc.data, *container.path, "lifecycle", "postStart", "exec")
         if isinstance(hook, dict):
             audit.add(
                 "LG005",
-                container.doc.location((*container.path, "lifecycle", "postStart")),
+                container.location((*container.path, "lifecycle", "postStart")),
                 f"container {container.name!r} runs a postStart exec hook, a process that "
                 f"inherits {TOKEN_ENV}",
             )
@@ -1097,14 +1108,14 @@ def check_env_files(audit: Audit) -> None:
             for file, path in container.env_files:
                 audit.add(
                     "LG006",
-                    container.doc.location(path),
+                    container.location(path),
                     f"service {container.name!r} reads env file {file!r}",
                 )
         text = " ".join(container.argv)
         if ENV_FILE_IN_TEXT.search(text) and (agent or TOKEN_ENV in text):
             audit.add(
                 "LG006",
-                container.doc.location(container.path),
+                container.location(container.path),
                 f"container {container.name!r} loads an env file in its command",
             )
         if agent:
@@ -1112,7 +1123,7 @@ def check_env_files(audit: Audit) -> None:
                 if mount.endswith(".env"):
                     audit.add(
                         "LG006",
-                        container.doc.location(path),
+                        container.location(path),
                         f"agent container {container.name!r} mounts env file {mount!r}",
                     )
 
@@ -1242,7 +1253,7 @@ def check_secret_expiry(audit: Audit) -> None:
             audit.add(
                 "LG008",
                 location,
-                f"Secret {name!r}'s token expired {_human(ago)} ago "
+                f"the token in Secret {name!r} expired {_human(ago)} ago "
                 f"({expires.strftime('%Y-%m-%dT%H:%M:%SZ')})",
             )
 
@@ -1282,7 +1293,7 @@ def check_reuse(audit: Audit) -> None:
             if reason:
                 audit.add(
                     "LG010",
-                    container.doc.location(var.path),
+                    container.location(var.path),
                     f"{container.doc.kind} {container.doc.name!r} takes {TOKEN_ENV} from "
                     f"Secret {secret!r}, which {reason}",
                 )
@@ -1322,7 +1333,7 @@ def check_agent_inputs(audit: Audit) -> None:
     for container in audit.containers:
         if container.init or not container.env_named(TOKEN_ENV):
             continue
-        location = container.doc.location(
+        location = container.location(
             (*container.path, "env")
             if not container.compose_entrypoint
             else (*container.path, "environment")
@@ -1354,7 +1365,7 @@ def check_agent_inputs(audit: Audit) -> None:
         elif uid[0].field_path != "metadata.uid":
             audit.add(
                 "LG013",
-                container.doc.location(uid[0].path),
+                container.location(uid[0].path),
                 f"{POD_UID_ENV} in container {container.name!r} is not the pod's "
                 "metadata.uid: every pod would claim the same identity",
             )

