@@ -429,7 +429,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_providers(args: argparse.Namespace) -> int:
     from providers import registry
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in registry.discover().values():
         try:
             factory = registry.load(info.name)
