@@ -589,7 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 (one return
         parser.print_help()
         return ExitCode.CONFIG
     try:
-        args = parser.parse_args(args_list)
+        if args_list[0] == "audit":  # its own parser: argparse's REMAINDER would eat no --help
+            args = argparse.Namespace(rest=args_list[1:], handler=cmd_audit)
+        else:
+            args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse already printed the usage error
         return ExitCode.OK if exc.code in (0, None) else ExitCode.CONFIG
     handler: Handler | None = getattr(args, "handler", None)
