@@ -692,8 +692,12 @@ AGENT_IMAGE = re.compile(r"linuxguard[-_/]?agent")
 
 
 def is_rotator(container: Container) -> bool:
+    """lg-rotate's own container: by image name, argv[0], or the app.kubernetes.io/name
+    label that cronjob/ puts on its objects (so a renamed image is still recognised)."""
     image = container.image.split("@")[0]
     if ROTATOR_IMAGE.search(image):
+        return True
+    if _get(container.doc.data, "metadata", "labels", "app.kubernetes.io/name") == "lg-rotate":
         return True
     argv = container.argv
     return bool(argv) and Path(argv[0]).name == "lg-rotate"
@@ -739,10 +743,11 @@ class Audit:
 
     def __post_init__(self) -> None:
         self.containers = [c for doc in self.documents for c in containers_of(doc)]
-        self.objects: dict[tuple[str, str, str], Document] = {}
+        self.objects: dict[tuple[str, str, str], list[Document]] = {}
         for doc in self.documents:
             if doc.kind and doc.name:
-                self.objects[(doc.kind, doc.namespace or "default", doc.name)] = doc
+                key = (doc.kind, doc.namespace or "default", doc.name)
+                self.objects.setdefault(key, []).append(doc)
         self.rotations = list(_rotations(self))
 
     def add(self, rule_id: str, location: Location, message: str) -> None:
@@ -750,8 +755,14 @@ class Audit:
         if finding not in self.findings:
             self.findings.append(finding)
 
-    def config_map(self, namespace: str, name: str) -> Document | None:
-        return self.objects.get(("ConfigMap", namespace, name))
+    def lookup(self, kind: str, namespace: str, name: str, *, near: Document) -> Document | None:
+        """An object of the input by name; one from ``near``'s own file first (a directory
+        may hold several variants of the same object)."""
+        candidates = self.objects.get((kind, namespace, name)) or []
+        for doc in candidates:
+            if doc.file == near.file:
+                return doc
+        return candidates[0] if candidates else None
 
     def env_value(self, container: Container, name: str) -> str | None:
         """A variable's literal value, looked up through envFrom ConfigMaps in the input too."""
@@ -760,7 +771,7 @@ class Audit:
                 return var.value
         for ref in container.env_from:
             if ref.kind == "ConfigMap" and name.startswith(ref.prefix):
-                doc = self.config_map(container.namespace, ref.name)
+                doc = self.lookup("ConfigMap", container.namespace, ref.name, near=container.doc)
                 value = _get(doc.data, "data", name[len(ref.prefix) :]) if doc else None
                 if value is not None:
                     return str(value)
@@ -1017,7 +1028,7 @@ def check_config_map_refs(audit: Audit) -> None:
         for ref in container.env_from:
             if ref.kind != "ConfigMap":
                 continue
-            doc = audit.config_map(container.namespace, ref.name)
+            doc = audit.lookup("ConfigMap", container.namespace, ref.name, near=container.doc)
             keys = [str(k) for k in (_get(doc.data, "data") or {})] if doc else []
             if any(ref.prefix + key == TOKEN_ENV or TOKEN_KEY.match(key) for key in keys):
                 audit.add(
@@ -1154,14 +1165,21 @@ def check_rotations(audit: Audit) -> None:
                 doc.location(("spec", "schedule")),
                 f"rotation schedule {schedule!r} cannot be checked: {exc}",
             )
-            gap = None
-        if gap is not None and gap >= ttl:
-            audit.add(
-                "LG007",
-                doc.location(("spec", "schedule")),
-                f"rotation schedule {schedule!r} leaves up to {_human(gap)} between runs; "
-                f"the token lives {_human(ttl)}",
-            )
+        else:
+            if gap is None:
+                audit.add(
+                    "LG007",
+                    doc.location(("spec", "schedule")),
+                    f"rotation schedule {schedule!r} never fires: Secret {rotation.secret!r} "
+                    "is not rotated",
+                )
+            elif gap >= ttl:
+                audit.add(
+                    "LG007",
+                    doc.location(("spec", "schedule")),
+                    f"rotation schedule {schedule!r} leaves up to {_human(gap)} between runs; "
+                    f"the token lives {_human(ttl)}",
+                )
         policy = _get(doc.data, "spec", "concurrencyPolicy")
         if policy != "Forbid":
             path = ("spec", "concurrencyPolicy") if policy else ("spec",)
@@ -1214,24 +1232,20 @@ def _consumed_as_token(audit: Audit, namespace: str, secret: str) -> bool:
 
 def check_secret_expiry(audit: Audit) -> None:
     """LG008: a Secret whose linuxguard.io/expires-at (or rotated-at + TTL) is past."""
-    metadata_by_key: dict[tuple[str, str], tuple[dict[str, Any], Location]] = {}
-    for doc in audit.documents:
-        if doc.kind == "Secret":
-            metadata_by_key[(doc.namespace or "default", doc.name)] = (
-                doc.data.get("metadata") or {},
-                doc.location(("metadata", "annotations")),
-            )
+    secrets: list[tuple[str, dict[str, Any], Location]] = [
+        (doc.name, doc.data.get("metadata") or {}, doc.location(("metadata", "annotations")))
+        for doc in audit.documents
+        if doc.kind == "Secret"
+    ]
+    listed = {(doc.namespace or "default", doc.name) for doc in audit.documents
+              if doc.kind == "Secret"}  # fmt: skip
     for (namespace, name), metadata in audit.secret_metadata.items():
-        metadata_by_key.setdefault(
-            (namespace, name),
-            (
-                metadata,
-                Location(
-                    namespace=namespace, kind="Secret", name=name, field="metadata.annotations"
-                ),
-            ),
-        )
-    for (_, name), (metadata, location) in metadata_by_key.items():
+        if (namespace, name) not in listed:
+            location = Location(
+                namespace=namespace, kind="Secret", name=name, field="metadata.annotations"
+            )
+            secrets.append((name, metadata, location))
+    for name, metadata, location in secrets:
         annotations = metadata.get("annotations") or {}
         expires: datetime | None = None
         try:
@@ -1289,7 +1303,7 @@ def check_reuse(audit: Audit) -> None:
             namespace = container.namespace
             if (namespace, secret) in rotated:
                 continue
-            reason = _unrotated_reason(audit, namespace, secret, key)
+            reason = _unrotated_reason(audit, namespace, secret, key, near=container.doc)
             if reason:
                 audit.add(
                     "LG010",
@@ -1304,11 +1318,13 @@ def _never_refreshes(doc: Document) -> bool:
     return interval is not None and parse_go_duration(str(interval)) == 0
 
 
-def _unrotated_reason(audit: Audit, namespace: str, secret: str, key: str) -> str | None:
+def _unrotated_reason(
+    audit: Audit, namespace: str, secret: str, key: str, *, near: Document
+) -> str | None:
     for rotation in audit.rotations:
         if (rotation.namespace, rotation.secret) == (namespace, secret):
             return "an ExternalSecret with refreshInterval 0 fills once and never refreshes"
-    doc = audit.objects.get(("Secret", namespace, secret))
+    doc = audit.lookup("Secret", namespace, secret, near=near)
     if doc is not None and doc.file is not None:
         value = _get(doc.data, "stringData", key) or _get(doc.data, "data", key)
         if value:
@@ -1377,7 +1393,7 @@ def _provides(audit: Audit, container: Container, name: str) -> bool:
     for ref in container.env_from:
         if not name.startswith(ref.prefix):
             continue
-        doc = audit.objects.get((ref.kind, container.namespace, ref.name))
+        doc = audit.lookup(ref.kind, container.namespace, ref.name, near=container.doc)
         if doc is None:
             return True  # not in the input: assume it provides the variable
         data = {**(_get(doc.data, "data") or {}), **(_get(doc.data, "stringData") or {})}

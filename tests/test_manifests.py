@@ -1,0 +1,518 @@
+"""cronjob/ and the Dockerfile: rendered, schema-valid, restricted, least-privilege.
+
+The manifests are rendered with the real ``kubectl kustomize`` and validated against the
+Kubernetes JSON schemas (``.ci/manifests.py``); on top of that this module holds the
+project's own rules: every pod under the ``restricted`` Pod Security Standard (plus a
+read-only root filesystem), RBAC scoped by resourceNames with no list/watch on Secrets, the
+CronJob's timing consistent with the token TTL, and the names that must agree across files.
+Each checker is also shown to reject a bad example, so that a green run means something.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from rotator.audit import DEFAULT_TTL_SECONDS, max_interval_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+manifests = _load("manifests")
+dockerfile_check = _load("dockerfile_check")
+
+SECRET = "linuxguard-enroll"
+DAEMONSET = "linuxguard-agent"
+LEASE = f"lg-rotate-{SECRET}"
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+    "projected", "secret",
+}  # fmt: skip
+POD_SPEC_PATHS = {
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+    "Deployment": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "Pod": ("spec",),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {k: manifests.documents(manifests.render(k)) for k in manifests.KUSTOMIZATIONS}
+
+
+def _all(rendered: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for kustomization, docs in rendered.items():
+        for doc in docs:
+            yield kustomization, doc
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} objects"
+    return matches[0]
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        data = (data or {}).get(key)
+    return data
+
+
+# --- the checkers (the project's rules) ----------------------------------------------------
+
+
+def pss_restricted_problems(doc: dict[str, Any]) -> list[str]:  # noqa: PLR0912 (one if a rule)
+    """Pod Security Standard "restricted" (v1.30 rules) plus readOnlyRootFilesystem."""
+    path = POD_SPEC_PATHS.get(doc["kind"])
+    if path is None:
+        return []
+    spec = _dig(doc, *path)
+    problems: list[str] = []
+    pod_ctx = spec.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            problems.append(f"{flag} is set")
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"volume {volume['name']} uses {sorted(kinds - RESTRICTED_VOLUMES)}")
+    if pod_ctx.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    for sysctl in pod_ctx.get("sysctls") or []:
+        problems.append(f"sysctl {sysctl.get('name')}")
+    containers = [
+        *(spec.get("initContainers") or []),
+        *(spec.get("containers") or []),
+        *(spec.get("ephemeralContainers") or []),
+    ]
+    for container in containers:
+        ctx = container.get("securityContext") or {}
+        name = container.get("name")
+        if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if ctx.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = _dig(ctx, "seccompProfile", "type") or _dig(pod_ctx, "seccompProfile", "type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile is {seccomp!r}")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if ctx.get("privileged"):
+            problems.append(f"{name}: privileged")
+        capabilities = ctx.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {capabilities.get('add')}")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem is not true (project rule)")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            problems.append(f"{name}: hostPort")
+        if not _dig(container, "resources", "limits", "memory"):
+            problems.append(f"{name}: no memory limit (project rule)")
+    return problems
+
+
+def rbac_problems(docs: list[dict[str, Any]]) -> list[str]:  # noqa: PLR0912 (one if a rule)
+    """Least privilege as issue 5 and docs/DEPLOYMENT.md state it."""
+    problems: list[str] = []
+    kinds = {doc["kind"] for doc in docs}
+    if kinds & {"ClusterRole", "ClusterRoleBinding"}:
+        problems.append("cluster-wide RBAC objects")
+    service_accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    bound_to: dict[str, set[str]] = {}
+    for binding in bindings:
+        if binding["roleRef"]["kind"] != "Role":
+            problems.append(f"RoleBinding {binding['metadata']['name']} binds a ClusterRole")
+        for subject in binding.get("subjects") or []:
+            if subject["kind"] != "ServiceAccount" or subject["name"] not in service_accounts:
+                problems.append(f"RoleBinding {binding['metadata']['name']} binds {subject}")
+            bound_to.setdefault(binding["roleRef"]["name"], set()).add(subject["name"])
+    for role in (d for d in docs if d["kind"] == "Role"):
+        name = role["metadata"]["name"]
+        for rule in role.get("rules") or []:
+            groups, resources = set(rule.get("apiGroups") or []), set(rule["resources"])
+            verbs, names = set(rule["verbs"]), set(rule.get("resourceNames") or [])
+            if "*" in groups | resources | verbs:
+                problems.append(f"{name}: wildcard in {rule}")
+            if "secrets" in resources:
+                if verbs & {"list", "watch", "create", "delete", "deletecollection"}:
+                    problems.append(f"{name}: {sorted(verbs)} on secrets")
+                if names != {SECRET}:
+                    problems.append(f"{name}: secrets not limited to {SECRET} ({names})")
+            if "daemonsets" in resources and (names != {DAEMONSET} or verbs - {"get", "patch"}):
+                problems.append(f"{name}: daemonsets rule {rule}")
+            if "leases" in resources:
+                if verbs - {"create"} and names != {LEASE}:
+                    problems.append(f"{name}: lease verbs {sorted(verbs)} not limited to {LEASE}")
+                if verbs - {"create", "get", "update", "patch"}:
+                    problems.append(f"{name}: lease verbs {sorted(verbs)}")
+            if "events" in resources and verbs != {"create"}:
+                problems.append(f"{name}: events verbs {sorted(verbs)}")
+            if (
+                "pods" in resources
+                and verbs & {"list", "watch"}
+                and bound_to.get(name, set()) - {"lg-rotate-watch"}
+            ):
+                problems.append(f"{name}: pods list/watch for {bound_to.get(name)}")
+            if resources - {"secrets", "daemonsets", "leases", "events", "pods"}:
+                problems.append(f"{name}: unexpected resources {sorted(resources)}")
+    return problems
+
+
+# --- rendering and schemas --------------------------------------------------------------------
+
+
+def test_every_kustomization_renders(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    kinds = {
+        kustomization: sorted(d["kind"] for d in docs) for kustomization, docs in rendered.items()
+    }
+    base = [
+        "ConfigMap", "CronJob", "Deployment", "NetworkPolicy", "Role", "Role", "RoleBinding",
+        "RoleBinding", "Secret", "ServiceAccount", "ServiceAccount",
+    ]  # fmt: skip
+    for overlay in ("cronjob/base", *manifests.OVERLAYS):
+        assert kinds[overlay] == base
+    assert kinds["cronjob/agent"] == ["DaemonSet"]
+    for kustomization, doc in _all(rendered):
+        assert doc["metadata"]["namespace"] == "linuxguard", (kustomization, doc["kind"])
+
+
+def test_rendered_objects_are_schema_valid(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for kustomization, docs in rendered.items():
+        assert manifests.validate(docs) == [], kustomization
+
+
+def test_schema_validation_rejects_a_typo(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    original = _find(rendered["cronjob/overlays/vault"], "CronJob", "lg-rotate")
+    unknown_field = copy.deepcopy(original)
+    unknown_field["spec"]["concurrencyPolicyy"] = "Forbid"
+    problems = manifests.validate([unknown_field], versions=("1.30.0",))
+    assert any("concurrencyPolicyy" in problem for problem in problems), problems
+    wrong_type = copy.deepcopy(original)
+    wrong_type["spec"]["jobTemplate"]["spec"]["backoffLimit"] = "two"
+    problems = manifests.validate([wrong_type], versions=("1.37.0",))
+    assert any("backoffLimit" in problem for problem in problems), problems
+
+
+# --- Pod Security Standard ---------------------------------------------------------------------
+
+
+def test_every_pod_is_restricted(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pods = 0
+    for kustomization, doc in _all(rendered):
+        if doc["kind"] in POD_SPEC_PATHS:
+            pods += 1
+            assert pss_restricted_problems(doc) == [], (kustomization, doc["metadata"]["name"])
+    assert pods == 2 * 4 + 1  # CronJob + Deployment in base and 3 overlays, the agent
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda s, c: c["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilege"),
+        (lambda s, c: c["securityContext"]["capabilities"].update(drop=[]), "drop ALL"),
+        (lambda s, c: c["securityContext"]["capabilities"].update(add=["NET_ADMIN"]), "adds"),
+        (lambda s, c: s["securityContext"].pop("seccompProfile"), "seccompProfile"),
+        (
+            lambda s, c: (
+                s["securityContext"].pop("runAsNonRoot"),
+                c["securityContext"].pop("runAsNonRoot"),
+            ),
+            "runAsNonRoot",
+        ),
+        (lambda s, c: c["securityContext"].update(readOnlyRootFilesystem=False), "readOnly"),
+        (lambda s, c: s.update(hostNetwork=True), "hostNetwork"),
+        (lambda s, c: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+        (lambda s, c: c["securityContext"].update(privileged=True), "privileged"),
+    ],
+)
+def test_pss_checker_rejects(
+    rendered: dict[str, list[dict[str, Any]]], mutate: Any, expected: str
+) -> None:
+    deployment = copy.deepcopy(_find(rendered["cronjob/base"], "Deployment", "lg-rotate-watch"))
+    spec = deployment["spec"]["template"]["spec"]
+    mutate(spec, spec["containers"][0])
+    problems = pss_restricted_problems(deployment)
+    assert any(expected in problem for problem in problems), problems
+
+
+# --- RBAC ---------------------------------------------------------------------------------------
+
+
+def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay in ("cronjob/base", *manifests.OVERLAYS):
+        assert rbac_problems(rendered[overlay]) == [], overlay
+
+
+def test_only_the_watch_controller_sees_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["cronjob/base"]
+    cron_role = _find(docs, "Role", "lg-rotate")
+    watch_role = _find(docs, "Role", "lg-rotate-watch")
+    assert not any("pods" in rule["resources"] for rule in cron_role["rules"])
+    assert any("pods" in r["resources"] and "watch" in r["verbs"] for r in watch_role["rules"])
+    cronjob = _find(docs, "CronJob", "lg-rotate")
+    deployment = _find(docs, "Deployment", "lg-rotate-watch")
+    assert _dig(cronjob, *POD_SPEC_PATHS["CronJob"])["serviceAccountName"] == "lg-rotate"
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "lg-rotate-watch"
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"],
+          "resourceNames": [SECRET]}, "on secrets"),
+        ({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}, "not limited"),
+        ({"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "patch"]},
+         "daemonsets"),
+        ({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+          "verbs": ["get", "update"]}, "lease verbs"),
+        ({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}, "wildcard"),
+        ({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}, "pods"),
+    ],
+)  # fmt: skip
+def test_rbac_checker_rejects(
+    rendered: dict[str, list[dict[str, Any]]], rule: dict[str, Any], expected: str
+) -> None:
+    docs = copy.deepcopy(rendered["cronjob/base"])
+    _find(docs, "Role", "lg-rotate")["rules"].append(rule)
+    problems = rbac_problems(docs)
+    assert any(expected in problem for problem in problems), problems
+
+
+# --- the CronJob, the Secret, the names ------------------------------------------------------
+
+
+def test_cronjob_timing_fits_the_token_ttl(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    cronjob = _find(rendered["cronjob/base"], "CronJob", "lg-rotate")
+    spec = cronjob["spec"]
+    interval = max_interval_seconds(spec["schedule"])
+    assert interval is not None
+    assert interval < DEFAULT_TTL_SECONDS - 60  # shorter than the TTL, with the minimum TTL
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert 0 < spec["startingDeadlineSeconds"] < interval
+    job = spec["jobTemplate"]["spec"]
+    assert 0 < job["activeDeadlineSeconds"] < interval  # a hung run ends before the next slot
+    assert job["backoffLimit"] >= 1
+    assert spec["successfulJobsHistoryLimit"] >= 1
+    assert spec["failedJobsHistoryLimit"] >= 1
+    source = (ROOT / "cronjob/base/cronjob.yaml").read_text()
+    before = source.split("schedule:")[0].splitlines()[-6:]
+    assert any("TTL" in line and line.strip().startswith("#") for line in before)
+
+
+def test_secret_ships_without_a_value(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay in ("cronjob/base", *manifests.OVERLAYS):
+        secret = _find(rendered[overlay], "Secret", SECRET)
+        assert "data" not in secret
+        assert "stringData" not in secret
+
+
+def test_names_agree_across_files(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["cronjob/base"]
+    settings = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert settings["data"]["LG_ROTATE_SECRET"] == SECRET
+    assert settings["data"]["LG_ROTATE_LOG_FORMAT"] == "json"
+    api_key_file = settings["data"]["LG_ROTATE_API_KEY_FILE"]
+    cronjob = _find(docs, "CronJob", "lg-rotate")
+    pod = _dig(cronjob, *POD_SPEC_PATHS["CronJob"])
+    container = pod["containers"][0]
+    assert container["image"].startswith("registry.example.com/linuxguard/lg-rotate:")
+    assert container["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
+    mount = container["volumeMounts"][0]["mountPath"]
+    volume = pod["volumes"][0]["secret"]
+    assert api_key_file == f"{mount}/{volume['items'][0]['path']}"
+    # The watch selector matches the agent's pod labels, and the agent reads the Secret.
+    watch = _find(docs, "Deployment", "lg-rotate-watch")["spec"]["template"]["spec"]
+    args = watch["containers"][0]["args"]
+    key, value = args[args.index("--selector") + 1].split("=")
+    agent = _find(rendered["cronjob/agent"], "DaemonSet", DAEMONSET)
+    assert agent["spec"]["template"]["metadata"]["labels"][key] == value
+    env = {e["name"]: e for e in agent["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LINUXGUARD_ENROLL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET,
+        "key": "token",
+    }
+    assert env["LINUXGUARD_TENANT_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": SECRET,
+        "key": "tenant-id",
+    }
+    assert env["LINUXGUARD_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["LINUXGUARD_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
+    assert "command" not in agent["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_network_policy_limits_egress(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay in ("cronjob/base", *manifests.OVERLAYS):
+        policy = _find(rendered[overlay], "NetworkPolicy", "lg-rotate")["spec"]
+        assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "lg-rotate"}
+        assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+        assert policy["ingress"] == []
+        for rule in policy["egress"]:
+            assert rule.get("ports"), f"{overlay}: an egress rule open on every port"
+            assert rule.get("to"), f"{overlay}: an egress rule open to every destination"
+        ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+        assert {53, 443} <= ports
+    vault = _find(rendered["cronjob/overlays/vault"], "NetworkPolicy", "lg-rotate")["spec"]
+    assert any(p["port"] == 8200 for rule in vault["egress"] for p in rule["ports"])
+    gcp = _find(rendered["cronjob/overlays/gcp"], "NetworkPolicy", "lg-rotate")["spec"]
+    assert any(
+        peer.get("ipBlock", {}).get("cidr") == "169.254.169.254/32"
+        for rule in gcp["egress"] for peer in rule["to"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overlay", "provider", "annotation", "settings"),
+    [
+        ("vault", "vault", None, {"VAULT_ADDR", "LG_ROTATE_VAULT_AUTH", "LG_ROTATE_VAULT_ROLE"}),
+        ("aws", "aws", "eks.amazonaws.com/role-arn", {"AWS_REGION"}),
+        ("gcp", "gcp", "iam.gke.io/gcp-service-account", {"GOOGLE_CLOUD_PROJECT"}),
+    ],
+)
+def test_overlays_configure_their_provider(
+    rendered: dict[str, list[dict[str, Any]]],
+    overlay: str,
+    provider: str,
+    annotation: str | None,
+    settings: set[str],
+) -> None:
+    docs = rendered[f"cronjob/overlays/{overlay}"]
+    data = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert data["LG_ROTATE_PROVIDER"] == provider
+    assert settings <= set(data)
+    assert data["LG_ROTATE_TENANT"]  # the base's keys survive the merge
+    if provider == "vault":
+        assert data["LG_ROTATE_VAULT_AUTH"] == "kubernetes"
+    for account in (d for d in docs if d["kind"] == "ServiceAccount"):
+        annotations = account["metadata"].get("annotations") or {}
+        if annotation is None:
+            assert not annotations
+        else:
+            assert annotations[annotation]
+
+
+# --- the Dockerfile linter ----------------------------------------------------------------------
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_the_dockerfile_passes_the_linter() -> None:
+    assert dockerfile_check.lint(DOCKERFILE) == []
+
+
+def test_the_dockerfile_has_the_promised_shape() -> None:
+    _, stages = dockerfile_check.stages(dockerfile_check.parse(DOCKERFILE))
+    assert len(stages) == 2
+    build, runtime = stages
+    assert runtime.base.startswith("gcr.io/distroless/python3-debian12:")
+    assert build.base.startswith("debian:12")  # the interpreter distroless ships
+    args = [i for i in build.instructions if i.keyword == "ARG"]
+    assert any(i.body == "EXTRAS=all" for i in args)
+    entry = [i for i in runtime.instructions if i.keyword == "ENTRYPOINT"]
+    assert dockerfile_check.exec_form(entry[-1].body) == ["lg-rotate"]
+    users = [i for i in runtime.instructions if i.keyword == "USER"]
+    assert users[-1].body == "65532:65532"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "rule"),
+    [
+        ('ENTRYPOINT ["lg-rotate"]', "ENTRYPOINT lg-rotate", "DF007"),
+        ("USER 65532:65532", "USER nonroot", "DF006"),
+        ("USER 65532:65532", "USER 0", "DF006"),
+        ("USER 65532:65532\n", "", "DF006"),
+        ("FROM debian:12.11-slim AS build", "FROM debian AS build", "DF002"),
+        ("FROM debian:12.11-slim AS build", "FROM debian:latest AS build", "DF002"),
+        ("ARG EXTRAS=all", "ARG EXTRAS=all\nADD https://example.com/x.tgz /x.tgz", "DF003"),
+        ("ARG EXTRAS=all", "ARG EXTRAS=all\nRUN curl -sSL https://x.example | sh", "DF004"),
+        ("ARG EXTRAS=all", "ARG EXTRAS=all\nENV LINUXGUARD_API_KEY=abc123", "DF005"),
+        ("ARG VERSION=0.1.0", "ARG VERSION=0.1.0\nARG VAULT_TOKEN=s.abc", "DF005"),
+        ('      org.opencontainers.image.licenses="Apache-2.0" \\\n', "", "DF009"),
+        ("COPY --from=build /opt/lg-rotate /opt/lg-rotate", "RUN true", "DF008"),
+    ],
+)
+def test_the_linter_catches(old: str, new: str, rule: str) -> None:
+    assert old in DOCKERFILE
+    problems = dockerfile_check.lint(DOCKERFILE.replace(old, new, 1))
+    assert rule in {problem.rule for problem in problems}, problems
+
+
+def test_the_linter_wants_two_stages() -> None:
+    single = 'FROM debian:12.11-slim\nUSER 1000\nENTRYPOINT ["x"]\n'
+    assert "DF001" in {problem.rule for problem in dockerfile_check.lint(single)}
+
+
+def test_the_build_replay_refuses_literal_paths(tmp_path: Path) -> None:
+    broken = DOCKERFILE.replace('rm -rf "$WHEELHOUSE"', "rm -rf /tmp/wheelhouse", 1)
+    assert broken != DOCKERFILE
+    (tmp_path / "Dockerfile").write_text(broken)
+    with pytest.raises(dockerfile_check.BuildError, match="absolute path literally"):
+        dockerfile_check.build(
+            tmp_path / "Dockerfile", build_args={}, root=tmp_path / "root", context=ROOT
+        )
+
+
+def test_the_build_replay_fails_a_broken_recipe(tmp_path: Path) -> None:
+    """A failing RUN fails the replay, before any slow install (the real replay runs in
+    .ci/check-manifests: about a minute)."""
+    broken = DOCKERFILE.replace(
+        'RUN python3 -m venv "$VENV"', 'RUN test -f "$VENV/missing" && python3 -m venv "$VENV"'
+    )
+    (tmp_path / "Dockerfile").write_text(broken)
+    with pytest.raises(dockerfile_check.BuildError, match="RUN failed"):
+        dockerfile_check.build(
+            tmp_path / "Dockerfile", build_args={}, root=tmp_path / "root", context=ROOT
+        )
+    # The COPY steps ran first, into the stand-in root, as docker build would.
+    assert (tmp_path / "root/src/pyproject.toml").is_file()
+    assert (tmp_path / "root/src/rotator/audit.py").is_file()
+    assert not list((tmp_path / "root/src").rglob("__pycache__"))
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = set()
+    _, stages = dockerfile_check.stages(dockerfile_check.parse(DOCKERFILE))
+    for instruction in stages[0].instructions:
+        if instruction.keyword == "COPY":
+            copied.update(word.rstrip("/") for word in instruction.body.split()[:-1])
+    assert copied == allowed
+
+
+def test_kustomizations_list_every_resource_file() -> None:
+    """A manifest file that no kustomization names would silently not be deployed."""
+    for kustomization in manifests.KUSTOMIZATIONS:
+        directory = ROOT / kustomization
+        spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        listed = {r for r in spec.get("resources") or [] if not r.startswith("..")}
+        files = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+        assert files == listed, kustomization
