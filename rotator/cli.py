@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+from providers.base import Provider
 from rotator import __version__, assemble, config, logs
 from rotator.errors import ConfigError, ExitCode, LgRotateError, TokenError
 from rotator.rotation import RotationReport, StatusReport
@@ -209,13 +210,21 @@ _ALL_SETTINGS_KEYS = [s.key for s in _ALL_SETTINGS.values()]
 # --- commands --------------------------------------------------------------------------
 
 
+def _prepare(
+    args: argparse.Namespace, *, source: bool, why: str
+) -> tuple[config.Resolved, Provider]:
+    """Settings, logging and the provider: the first steps of every store command."""
+    resolved, config_file = _resolve(args, source=source)
+    _configure_logs(resolved)
+    config.require(resolved, "tenant", why=why)
+    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    return resolved, provider
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     from rotator.rotation import Rotator
 
-    resolved, config_file = _resolve(args, source=True)
-    _configure_logs(resolved)
-    config.require(resolved, "tenant", why="whose token to rotate")
-    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    resolved, provider = _prepare(args, source=True, why="whose token to rotate")
     minter = assemble.build_minter(resolved)
     kube = assemble.build_kube(resolved)
     rotator = Rotator(
@@ -335,10 +344,7 @@ class _ProgressPrinter:
 def cmd_status(args: argparse.Namespace) -> int:
     from rotator.rotation import read_status
 
-    resolved, config_file = _resolve(args, source=False)
-    _configure_logs(resolved)
-    config.require(resolved, "tenant", why="whose token to inspect")
-    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    resolved, provider = _prepare(args, source=False, why="whose token to inspect")
     kube = assemble.build_kube(resolved)
     report = read_status(
         provider=provider, tenant=resolved.tenant, target=kube.target if kube else None
@@ -355,10 +361,7 @@ def _launch_token(args: argparse.Namespace) -> EnrollToken:
     from providers.base import Stage
     from rotator.rotation import Rotator
 
-    resolved, config_file = _resolve(args, source=True)
-    _configure_logs(resolved)
-    config.require(resolved, "tenant", why="whose token to hand over")
-    provider = assemble.resolve_provider(resolved=resolved, flags=args, config_file=config_file)
+    resolved, provider = _prepare(args, source=True, why="whose token to hand over")
     min_ttl = assemble.min_ttl(resolved)
     if args.from_store:
         record = provider.read(tenant=resolved.tenant, stage=Stage.CURRENT)
