@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from rotator import __version__
-from rotator.errors import ConfigError, ExitCode, KubernetesError
+from rotator.errors import ConfigError, ExitCode, KubernetesError, TokenFormatError
 from rotator.tokens import REDACTED, TOKEN_SHAPED, fingerprint, normalize, parse_timestamp, utcnow
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def describe_value(value: object) -> str:
     text = str(value).strip()
     try:
         canonical = normalize(text).reveal()
-    except Exception:  # not token-shaped: fingerprint the raw text
+    except TokenFormatError:  # not a token: fingerprint the raw text
         canonical = text
     digest = fingerprint(canonical) if canonical.isascii() else "non-ascii"
     return f"a literal of {len(text)} characters, sha256 {digest[:12]}"
@@ -269,7 +269,7 @@ def looks_like_token(value: object) -> bool:
         return False
     try:
         normalize(text)
-    except Exception:
+    except TokenFormatError:
         return False
     return True
 
@@ -787,16 +787,12 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
     return None
 
 
-ROTATOR_COMMANDS = ("rotate", "watch", "roll")
-
-
 def _rotator_command(container: Container) -> str:
     argv = container.argv
     words = argv[1:] if argv and Path(argv[0]).name == "lg-rotate" else argv
-    for word in words:
-        if not word.startswith("-"):
-            return word
-    return "rotate"  # no command: lg-rotate's default is rotate
+    if words and not words[0].startswith("-"):
+        return words[0]
+    return "rotate"  # flags first, or nothing: lg-rotate's default command is rotate
 
 
 def _rotations(audit: Audit) -> Iterator[Rotation]:
@@ -1788,7 +1784,7 @@ def sarif_log(findings: Sequence[Finding]) -> dict[str, Any]:
         logical = {"fullyQualifiedName": redact(location.resource), "kind": "resource"}
         sarif_location: dict[str, Any] = {"logicalLocations": [logical]}
         if location.file is not None:
-            physical: dict[str, Any] = {"artifactLocation": {"uri": _uri(location.file)}}
+            physical: dict[str, Any] = {"artifactLocation": {"uri": redact(_uri(location.file))}}
             if location.line:
                 physical["region"] = {"startLine": location.line}
             sarif_location["physicalLocation"] = physical

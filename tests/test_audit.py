@@ -659,3 +659,8 @@ def test_a_renamed_rotator_image_is_still_recognised() -> None:
         "metadata: {name: lg-rotate, namespace: ns, labels: {app.kubernetes.io/name: lg-rotate}}",
     )
     assert [f.rule.id for f in audit_documents(load_text(labelled, file="x"))] == ["LG007"]
+
+
+def test_flags_without_a_command_mean_rotate() -> None:
+    text = _rotation("0 * * * *", "args: [--provider, vault, --tenant, acme]")
+    assert [f.rule.id for f in audit_documents(load_text(text, file="x"))] == ["LG007"]
