@@ -182,7 +182,12 @@ def _api_error(exc: Any, op: _Op) -> KubernetesError:  # noqa: PLR0911 - one ans
             f"forbidden (403): lg-rotate may not {op.verb} {op.what}; it needs the RBAC verb "
             f"'{op.verb}' on '{op.resource}{group}' in namespace {op.namespace!r}",
             fix=f'add to its Role: apiGroups: ["{op.group}"], resources: ["{op.resource}"], '
-            f'verbs: ["{op.verb}"]{scope} (see cronjob/role.yaml)',
+            f'verbs: ["{op.verb}"]{scope} (see cronjob/base/rbac.yaml)'
+            + (
+                "; the shipped Role grants no create on Secrets: apply cronjob/base/secret.yaml"
+                if op.resource == "secrets" and op.verb == "create"
+                else ""
+            ),
         )
     if status == 404:
         if op.verb == "create":
@@ -588,12 +593,14 @@ class SecretTarget:
         if declared != "Opaque":
             raise KubernetesError(
                 f"Secret {self.namespace}/{self.name} has type {declared}, not Opaque",
-                fix="delete it (lg-rotate creates it) or pass another --secret name",
+                fix="recreate it as an empty Opaque Secret (cronjob/base/secret.yaml) "
+                "or pass another --secret name",
             )
         if secret.get("immutable"):
             raise KubernetesError(
                 f"Secret {self.namespace}/{self.name} is immutable",
-                fix="delete it (lg-rotate recreates it, mutable) or pass another --secret name",
+                fix="recreate it mutable and empty (cronjob/base/secret.yaml) "
+                "or pass another --secret name",
             )
 
     def deliver(self, delivery: Delivery) -> TargetState:
