@@ -7,8 +7,10 @@ a plugin may not shadow a built-in name.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -36,6 +38,13 @@ class ProviderInfo:
 
 def discover() -> dict[str, ProviderInfo]:
     """Every known provider, built-ins first; plugins cannot replace a built-in."""
+    # Scanning installed distributions costs milliseconds and the CLI asks often while
+    # it builds its parser: cache per sys.path (a changed path may bring new plugins).
+    return dict(_discover(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _discover(path: tuple[str, ...]) -> dict[str, ProviderInfo]:
     found = {
         name: ProviderInfo(name=name, target=target, origin="built-in")
         for name, target in BUILTIN.items()

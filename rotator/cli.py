@@ -107,13 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(demo, config.OUTPUT_SETTINGS, title="output")
     demo.set_defaults(handler=cmd_demo)
 
-    from rotator import sandbox
-
-    sandbox_parser = commands.add_parser(
-        "sandbox", help="run a LinuxGuard sandbox server (tokens and /agent/enroll)"
+    commands.add_parser(
+        "sandbox",
+        help="run a LinuxGuard sandbox server (tokens and /agent/enroll)",
+        add_help=False,  # answered by the sandbox's own parser (see DELEGATED)
     )
-    sandbox.add_sandbox_arguments(sandbox_parser)
-    sandbox_parser.set_defaults(handler=sandbox.run_sandbox_command)
 
     providers_parser = commands.add_parser(
         "providers", help="list secrets-store providers and what each needs"
@@ -121,13 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     providers_parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     providers_parser.set_defaults(handler=cmd_providers)
 
-    audit_parser = commands.add_parser(
+    commands.add_parser(
         "audit",
         help="find token-leaking anti-patterns in manifests or a cluster",
-        add_help=False,  # `lg-rotate audit --help` is answered by the audit parser itself
+        add_help=False,  # answered by the audit's own parser (see DELEGATED)
     )
-    audit_parser.add_argument("rest", nargs=argparse.REMAINDER)
-    audit_parser.set_defaults(handler=cmd_audit)
     return parser
 
 
@@ -416,17 +412,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(out=sys.stdout)
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    # The audit has its own parser, built only when it runs (keeps `rotate` start-up light).
-    from rotator import audit
+# Commands with parsers of their own, built only when they run: keeps the start-up of
+# `rotate` light, and lets their --help pass through untouched. name -> module
+DELEGATED = {
+    "audit": ("rotator.audit", "add_audit_arguments", "run_audit_command"),
+    "sandbox": ("rotator.sandbox", "add_sandbox_arguments", "run_sandbox_command"),
+}
 
-    parser = argparse.ArgumentParser(prog="lg-rotate audit", description=audit.__doc__)
-    audit.add_audit_arguments(parser)
+
+def run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module_name, add_arguments, run_command = DELEGATED[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"lg-rotate {name}", description=module.__doc__)
+    getattr(module, add_arguments)(parser)
     try:
-        audit_args = parser.parse_args(args.rest)
+        args = parser.parse_args(argv)
     except SystemExit as exc:
         return ExitCode.OK if exc.code in (0, None) else ExitCode.CONFIG
-    return int(audit.run_audit_command(audit_args))
+    return int(getattr(module, run_command)(args))
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
@@ -592,17 +597,19 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 (one return
         parser.print_help()
         return ExitCode.CONFIG
     try:
-        if args_list[0] == "audit":  # its own parser: argparse's REMAINDER would eat no --help
-            args = argparse.Namespace(rest=args_list[1:], handler=cmd_audit)
+        if args_list[0] in DELEGATED:
+            handler: Handler | None = None
         else:
             args = parser.parse_args(args_list)
+            handler = getattr(args, "handler", None)
+            if handler is None:
+                parser.print_help()
+                return ExitCode.CONFIG
     except SystemExit as exc:  # argparse already printed the usage error
         return ExitCode.OK if exc.code in (0, None) else ExitCode.CONFIG
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return ExitCode.CONFIG
     try:
+        if handler is None:
+            return run_delegated(args_list[0], args_list[1:])
         return int(handler(args))
     except LgRotateError as exc:
         log.debug("failure detail", exc_info=True)
