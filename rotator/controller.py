@@ -1096,6 +1096,7 @@ class Controller:
         self._term: _Term | None = None
         self._beat = monotonic()
         self.election_attempts = 0
+        self.worker_cycles = 0
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue(maxsize=_EVENT_QUEUE)
         self._events_stop = threading.Event()
         self._events_thread: threading.Thread | None = None
@@ -1110,6 +1111,7 @@ class Controller:
     def _reset_term_state(self) -> None:
         self._pods: dict[str, PodView] = {}
         self._new_starts: collections.deque[PodStart] = collections.deque()
+        self._in_flight = 0  # starts taken by the worker, not yet considered
         self._timeline = TokenTimeline()
         self._tracker = CollisionTracker(tolerance=self.tolerance, grace=self.collision_grace)
         self._reasons: dict[str, str] = {}  # why a rotation is due -> a description
@@ -1144,7 +1146,7 @@ class Controller:
                 synced=bool(term and term.synced.is_set()),
                 identity=self.identity,
                 pods=len(self._pods),
-                pending_starts=len(self._new_starts),
+                pending_starts=len(self._new_starts) + self._in_flight,
                 rotation_pending=bool(self._reasons),
                 suspects=len(self._tracker.suspects),
                 deletions_pending=len(self._victims),
@@ -1409,14 +1411,19 @@ class Controller:
             except Exception:  # never let the worker die: log, count, pause, go on
                 log.exception("unexpected error in the controller loop")
                 self._failure_backoff()
+            finally:
+                with self._cond:
+                    self._in_flight = 0
             with self._cond:
                 if not self._new_starts and not term.stop.is_set():
                     self._cond.wait(self._next_wake())
 
     def _work_once(self, term: _Term) -> None:
+        self.worker_cycles += 1
         with self._cond:
             starts = list(self._new_starts)
             self._new_starts.clear()
+            self._in_flight = len(starts)
         if starts:
             self._sync_secret()
         now = self.clock()

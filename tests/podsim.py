@@ -49,8 +49,13 @@ import kmock
 from kubernetes import client
 
 from fixtures.kube import KubeCluster
+from providers.memory import MemoryProvider, MemoryStore
 from rotator import agent
-from rotator.kube import restart_workload
+from rotator.controller import Controller
+from rotator.kube import LeaseLock, SecretTarget, restart_workload
+from rotator.linuxguard import LinuxGuardClient
+from rotator.retrying import RetryPolicy
+from rotator.rotation import Rotator
 from rotator.sandbox import SandboxServer
 from rotator.tokens import (
     Secret,
@@ -64,6 +69,8 @@ from rotator.tokens import (
 log = logging.getLogger("lg_rotate.tests.podsim")
 
 AgentMode = Literal["restart", "stuck"]
+TENANT = "acme"
+SELECTOR = "app=linuxguard-agent"
 APP_LABEL = {"app": "linuxguard-agent"}
 CONTAINER = "agent"
 HASH_LABEL = "controller-revision-hash"
@@ -80,6 +87,61 @@ def trim_kubesim_history(monkeypatch: Any) -> None:
 
     monkeypatch.setattr(kubesim, "_HISTORY_HIGH", 24)
     monkeypatch.setattr(kubesim, "_HISTORY_LOW", 8)
+
+
+def make_rotator(
+    k8s: KubeCluster,
+    namespace: str,
+    sandbox: SandboxServer,
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> Rotator:
+    """A Rotator: the sandbox, a private memory store, the Secret and its Lease lock."""
+    api = k8s.api_client()
+    clock = clock or sandbox.now
+    return Rotator(
+        minter=LinuxGuardClient(
+            base_url=sandbox.url,
+            api_key=Secret(sandbox.api_key),
+            retry=RetryPolicy(base_delay=0.01, max_delay=0.05, budget=2),
+            clock=clock,
+        ),
+        provider=MemoryProvider(store=MemoryStore()),
+        tenant=TENANT,
+        target=SecretTarget(api_client=api, namespace=namespace),
+        lock=LeaseLock(api_client=api, namespace=namespace, wait=10, poll_interval=0.02),
+        clock=clock,
+    )
+
+
+def make_controller(
+    k8s: KubeCluster, namespace: str, sandbox: SandboxServer, **overrides: Any
+) -> Controller:
+    """A controller for tests: one clock for the sandbox, the rotator and the controller
+    (``sandbox.now``, which ``advance_clock`` moves), short periods, metrics on a free
+    loopback port."""
+    clock = overrides.pop("clock", sandbox.now)
+    rotator = overrides.pop("rotator", None) or make_rotator(k8s, namespace, sandbox, clock=clock)
+    settings: dict[str, Any] = {
+        "collision_grace": 1.0,
+        "lease_duration": 10,
+        "lease_retry_period": 0.2,
+        "resync_seconds": 5,
+        "tick": 0.1,
+        "max_backoff": 1.0,
+        "metrics_port": 0,
+        "metrics_host": "127.0.0.1",
+        "clock": clock,
+    }
+    settings.update(overrides)
+    return Controller(
+        api_client=k8s.api_client(),
+        namespace=namespace,
+        selector=SELECTOR,
+        rotator=rotator,
+        target=rotator.target,  # type: ignore[arg-type]
+        **settings,
+    )
 
 
 @dataclass(kw_only=True)

@@ -25,22 +25,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from podsim import PodSim, trim_kubesim_history
+from podsim import PodSim, make_controller, trim_kubesim_history
 
 from fixtures.kube import KubeCluster
-from providers.memory import MemoryProvider, MemoryStore
 from rotator.controller import Controller
-from rotator.kube import LeaseLock, SecretTarget
-from rotator.linuxguard import LinuxGuardClient
-from rotator.retrying import RetryPolicy
-from rotator.rotation import Rotator
 from rotator.sandbox import SandboxServer
-from rotator.tokens import Secret
 
 pytestmark = pytest.mark.slow
 
-TENANT = "acme"
-SELECTOR = "app=linuxguard-agent"
+# A fast controller: decide about a suspect after 1 s, wake up every 0.1 s.
+SIMULATION_SETTINGS: dict[str, Any] = {
+    "collision_grace": 1.0,
+    "deletions_per_minute": 120,
+    "deletion_burst": 6,
+    "tick": 0.1,
+    "max_backoff": 1.0,
+    # KubeSim re-sends a snapshot, not the events in between, when a watch is renewed:
+    # renew rarely, so this test sees every event as from a real API server.
+    "resync_seconds": 120,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -48,56 +51,11 @@ def _fast_kubesim(monkeypatch: pytest.MonkeyPatch) -> None:
     trim_kubesim_history(monkeypatch)
 
 
-def build_controller(
-    k8s: KubeCluster, namespace: str, sandbox: SandboxServer, **overrides: Any
-) -> Controller:
-    api = k8s.api_client()
-    clock = sandbox.now  # one clock for the sandbox, the rotator, the controller and the pods
-    target = SecretTarget(api_client=api, namespace=namespace)
-    rotator = Rotator(
-        minter=LinuxGuardClient(
-            base_url=sandbox.url,
-            api_key=Secret(sandbox.api_key),
-            retry=RetryPolicy(base_delay=0.01, max_delay=0.05, budget=5),
-            clock=clock,
-        ),
-        provider=MemoryProvider(store=MemoryStore()),
-        tenant=TENANT,
-        target=target,
-        lock=LeaseLock(api_client=api, namespace=namespace, wait=10, poll_interval=0.02),
-        clock=clock,
-    )
-    settings: dict[str, Any] = {
-        "collision_grace": 1.0,
-        "deletions_per_minute": 120,
-        "deletion_burst": 6,
-        "lease_duration": 10,
-        "lease_retry_period": 0.2,
-        # KubeSim re-sends a snapshot, not the events in between, when a watch is renewed:
-        # renew rarely, so this test sees every event as from a real API server.
-        "resync_seconds": 120,
-        "tick": 0.1,
-        "max_backoff": 1.0,
-        "metrics_port": 0,
-        "metrics_host": "127.0.0.1",
-        "clock": clock,
-    }
-    settings.update(overrides)
-    return Controller(
-        api_client=api,
-        namespace=namespace,
-        selector=SELECTOR,
-        rotator=rotator,
-        target=target,
-        **settings,
-    )
-
-
 @pytest.fixture
 def running_controller(
     k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer
 ) -> Iterator[Controller]:
-    controller = build_controller(k8s, k8s_namespace, sandbox)
+    controller = make_controller(k8s, k8s_namespace, sandbox, **SIMULATION_SETTINGS)
     stop = threading.Event()
     thread = threading.Thread(target=controller.run, kwargs={"stop": stop}, name="controller")
     thread.start()
