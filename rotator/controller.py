@@ -329,6 +329,7 @@ class TokenTimeline:
         self.keep = keep
         self.max_entries = max_entries
         self._entries: list[TimelineEntry] = []
+        self.version = 0  # bumped on every change (candidate caches key on it)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -362,6 +363,7 @@ class TokenTimeline:
         """
         earliest = min(earliest, latest)
         current = self.current
+        self.version += 1
         if current is not None and current.fingerprint == fingerprint:
             low, high = max(current.earliest, earliest), min(current.latest, latest)
             if low <= high:  # inconsistent bounds (clock trouble): keep what we had
@@ -408,6 +410,14 @@ class TokenTimeline:
                 found.add(entry.fingerprint)
         return frozenset(found)
 
+    def arrived(self, fingerprints: frozenset[str]) -> datetime | None:
+        """The earliest instant any of these tokens may have been in the Secret (None:
+        unbounded, for ``UNKNOWN_TOKEN``)."""
+        if UNKNOWN_TOKEN in fingerprints:
+            return None
+        times = [e.earliest for e in self._entries if e.fingerprint in fingerprints]
+        return min(times) if times else None
+
     def prune(self, *, now: datetime) -> None:
         """Forget entries replaced longer than ``keep`` ago (the current one always stays)."""
         cutoff = now - self.keep
@@ -418,6 +428,7 @@ class TokenTimeline:
         keep_from = max(keep_from, len(self._entries) - self.max_entries)
         if keep_from:
             del self._entries[:keep_from]
+            self.version += 1
 
 
 # --- the deletion rate limit -----------------------------------------------------------
@@ -532,6 +543,7 @@ class CollisionTracker:
         self.max_starts = max_starts
         self.suspects: dict[tuple[str, str, str], Suspect] = {}
         self.judged: set[tuple[str, str, str]] = set()  # decided: never suspected again
+        self._cache: dict[tuple[str, str, str], tuple[int, frozenset[str]]] = {}
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -540,39 +552,44 @@ class CollisionTracker:
         return self._starts.get(ident)
 
     def candidates(self, start: PodStart, timeline: TokenTimeline) -> frozenset[str]:
+        cached = self._cache.get(start.ident)
+        if cached is not None and cached[0] == timeline.version:
+            return cached[1]
         earliest, latest = start.window(self.tolerance)
-        return timeline.candidates(earliest=earliest, latest=latest)
+        found = timeline.candidates(earliest=earliest, latest=latest)
+        self._cache[start.ident] = (timeline.version, found)
+        return found
 
     def add(self, start: PodStart, timeline: TokenTimeline, *, now: float) -> list[PodStart]:
         """Record a start; return the earlier starts of other pods it may share a token with."""
         mine = self.candidates(start, timeline)
+        since = timeline.arrived(mine)
         partners: list[PodStart] = []
-        for other in self._starts.values():
+        for other in reversed(self._starts.values()):  # the most recent first
+            if since is not None and other.observed_at < since:
+                break  # seen before any of my tokens was in the Secret: nor are the older
             if other.pod_uid == start.pod_uid:
                 continue  # the same workload identity replays its enrolment
-            theirs = self.candidates(other, timeline)
-            if mine & theirs:
+            if mine & self.candidates(other, timeline):
                 partners.append(other)
+        partners.reverse()
         self._starts[start.ident] = start
         while len(self._starts) > self.max_starts:
-            self._starts.popitem(last=False)
-        if not partners:
-            return partners
+            ident, _ = self._starts.popitem(last=False)
+            self._cache.pop(ident, None)
         certain_token = len(mine) == 1 and UNKNOWN_TOKEN not in mine
-        group = [start, *partners]
-        for member in group:
-            if member.historical or member.ident in self.judged:
-                continue  # ran before this controller looked, or decided: only a partner
-            suspect = self.suspects.get(member.ident)
-            if suspect is None:
-                suspect = Suspect(start=member, due=now + self.grace)
-                self.suspects[member.ident] = suspect
-            for other in group:
-                if other.ident == member.ident or other.pod_uid == member.pod_uid:
-                    continue
-                suspect.partners.add(other.ident)
-                if certain_token and self.candidates(other, timeline) == mine:
-                    suspect.certain.add(other.ident)
+        for other in partners:
+            certain = certain_token and self.candidates(other, timeline) == mine
+            for member, partner in ((start, other), (other, start)):
+                if member.historical or member.ident in self.judged:
+                    continue  # ran before this controller looked, or decided: only a partner
+                suspect = self.suspects.get(member.ident)
+                if suspect is None:
+                    suspect = Suspect(start=member, due=now + self.grace)
+                    self.suspects[member.ident] = suspect
+                suspect.partners.add(partner.ident)
+                if certain:
+                    suspect.certain.add(partner.ident)
         return partners
 
     def prune(self, *, now: datetime) -> None:
@@ -581,6 +598,7 @@ class CollisionTracker:
             if ident not in self.suspects:
                 del self._starts[ident]
                 self.judged.discard(ident)
+                self._cache.pop(ident, None)
 
     def judge(  # noqa: PLR0911 - one verdict per rule, in the documented order
         self, suspect: Suspect, pods: Mapping[str, PodView], *, now: float
@@ -1097,6 +1115,7 @@ class Controller:
         self._beat = monotonic()
         self.election_attempts = 0
         self.worker_cycles = 0
+        self._lease_valid_until = 0.0  # monotonic; past it, a leader must not act
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue(maxsize=_EVENT_QUEUE)
         self._events_stop = threading.Event()
         self._events_thread: threading.Thread | None = None
@@ -1223,8 +1242,9 @@ class Controller:
         self._leader = True
         self.metrics.leader.set(1)
         self._event("LeaderElected", f"lg-rotate controller {self.identity} is the leader")
-        term = self._begin_term()
         last_renewed = self.monotonic()
+        self._lease_valid_until = last_renewed + self.lease_duration
+        term = self._begin_term()
         lost = False
         while not stop.wait(self.lease_renew_period):
             self._beat = self.monotonic()
@@ -1232,8 +1252,10 @@ class Controller:
                 log.error("a controller loop ended unexpectedly; stepping down to restart it")
                 break
             try:
+                before = self.monotonic()
                 self._lease.renew()
-                last_renewed = self.monotonic()
+                last_renewed = before
+                self._lease_valid_until = before + self.lease_duration
             except LockError as exc:
                 log.error("lost leadership: %s", exc.one_line())
                 lost = True
@@ -1431,10 +1453,13 @@ class Controller:
         for start in starts:
             self._consider(start, mono)
         self._check_expiry(now)
-        if self._reasons and mono >= self._backoff_until and not term.stop.is_set():
+        # A leader whose Lease may have lapsed (renewals failing) must not act: another
+        # replica may lead by now.
+        acting = not term.stop.is_set() and mono < self._lease_valid_until
+        if self._reasons and mono >= self._backoff_until and acting:
             self._rotate()
         self._judge_suspects()
-        if not term.stop.is_set():
+        if acting:
             self._recover()
         with self._cond:
             self._timeline.prune(now=now)

@@ -40,7 +40,7 @@ from rotator.controller import (
     is_running,
     pod_is_ready,
 )
-from rotator.errors import ConfigError
+from rotator.errors import ConfigError, KubernetesError
 from rotator.kube import LeaseLock, SecretTarget
 from rotator.linuxguard import MINT_PATH
 from rotator.metrics import Counter, Gauge, Histogram, MetricsServer, Registry
@@ -868,3 +868,34 @@ def test_is_running_without_a_lease(k8s: KubeCluster, k8s_namespace: str) -> Non
     assert not is_running(
         api_client=k8s.api_client(), namespace=k8s_namespace, secret_name="linuxguard-enroll"
     )
+
+
+def test_a_leader_that_cannot_renew_its_lease_steps_down(
+    k8s: KubeCluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    controller = make_controller(
+        k8s,
+        k8s_namespace,
+        sandbox,
+        lease_duration=2,
+        lease_renew_period=0.05,
+        lease_retry_period=0.05,
+        metrics_port=None,
+        events=False,
+    )
+    running(controller)
+    wait_for(lambda: controller.status().rotations == 1, timeout=15, what="the first rotation")
+
+    def api_unreachable() -> None:
+        raise KubernetesError("cannot reach the Kubernetes API (test)")
+
+    controller._lease.renew = api_unreachable  # type: ignore[method-assign]
+    controller._lease.try_acquire = api_unreachable  # type: ignore[method-assign,assignment]
+    lost_at = time.monotonic()
+    wait_for(lambda: not controller.is_leader, timeout=10, what="the leader to step down")
+    assert time.monotonic() - lost_at >= 1.5  # it kept leading while its Lease was valid
+    assert controller.metrics.leader.value() == 0
+    assert controller.status().running
