@@ -18,12 +18,23 @@ from typing import Any
 from providers.base import Provider
 from rotator import __version__, assemble, config, logs
 from rotator.errors import ConfigError, ExitCode, LgRotateError, TokenError
-from rotator.rotation import RotationReport, StatusReport
+from rotator.rotation import RotationReport, Rotator, StatusReport
 from rotator.tokens import EnrollToken
 
 log = logging.getLogger("lg_rotate.cli")
 
-COMMANDS = ("rotate", "status", "exec", "emit", "demo", "sandbox", "providers", "audit")
+COMMANDS = (
+    "rotate",
+    "status",
+    "exec",
+    "emit",
+    "watch",
+    "roll",
+    "demo",
+    "sandbox",
+    "providers",
+    "audit",
+)
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -101,6 +112,40 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--force", action="store_true", help="write even to a terminal")
     emit.set_defaults(handler=cmd_emit)
 
+    watch = commands.add_parser(
+        "watch",
+        help="controller: rotate after every agent start, recover collisions, never expire",
+        description="Runs as a Deployment (cronjob/base/watch-deployment.yaml). Watches the "
+        "agent pods; every container start or restart consumes the Secret's token, so it "
+        "rotates at once; two pods under one token are recovered (rotate, delete the later "
+        "pod); the Secret is rotated before its token expires. Leader election makes several "
+        "replicas safe. Serves /metrics, /healthz, /readyz. docs/CONTROLLER.md.",
+    )
+    _add_common(watch, source=True, kube=True)
+    config.add_arguments(watch, config.WATCH_SETTINGS, title="controller")
+    watch.set_defaults(handler=cmd_watch)
+
+    roll = commands.add_parser(
+        "roll",
+        help="roll a DaemonSet pod by pod, a fresh token for each (resumable)",
+        description="For pipelines: for each pod, rotate, delete that pod, wait until its "
+        "replacement is Ready, go on. An interrupted roll resumes where it stopped.",
+    )
+    _add_common(roll, source=True, kube=True)
+    roll.add_argument("workload", metavar="daemonset/NAME")
+    roll.add_argument(
+        "--timeout",
+        type=config.parse_seconds,
+        default=300.0,
+        metavar="DURATION",
+        help="how long one replacement pod may take to be Ready (default 300s)",
+    )
+    roll.add_argument(
+        "--restart", action="store_true", help="ignore an unfinished roll and start over"
+    )
+    roll.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    roll.set_defaults(handler=cmd_roll)
+
     demo = commands.add_parser(
         "demo", help="a full rotation and an agent enrolment against an embedded sandbox"
     )
@@ -133,6 +178,7 @@ _ALL_SETTINGS = {
         *config.SOURCE_SETTINGS,
         *config.STORE_SETTINGS,
         *config.KUBE_SETTINGS,
+        *config.WATCH_SETTINGS,
         *config.OUTPUT_SETTINGS,
     )
 }
@@ -178,6 +224,8 @@ def _add_token_source(parser: argparse.ArgumentParser) -> None:
 
 def _settings_for(args: argparse.Namespace, *, source: bool) -> list[config.Setting]:
     chosen = [*config.STORE_SETTINGS, *config.KUBE_SETTINGS, *config.OUTPUT_SETTINGS]
+    if args.command == "watch":
+        chosen = [*chosen, *config.WATCH_SETTINGS]
     if source:
         chosen = [*config.SOURCE_SETTINGS, *chosen]
     else:
@@ -217,14 +265,13 @@ def _prepare(
     return resolved, provider
 
 
-def cmd_rotate(args: argparse.Namespace) -> int:
+def _rotator(
+    resolved: config.Resolved, provider: Provider, kube: assemble.KubeParts | None
+) -> Rotator:
     from rotator.rotation import Rotator
 
-    resolved, provider = _prepare(args, source=True, why="whose token to rotate")
-    minter = assemble.build_minter(resolved)
-    kube = assemble.build_kube(resolved)
-    rotator = Rotator(
-        minter=minter,
+    return Rotator(
+        minter=assemble.build_minter(resolved),
         provider=provider,
         tenant=resolved.tenant,
         target=kube.target if kube else None,
@@ -233,12 +280,93 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         ttl_seconds=resolved.ttl,
         keep_versions=resolved.keep_versions,
     )
+
+
+def _require_kube(resolved: config.Resolved, *, command: str) -> assemble.KubeParts:
+    kube = assemble.build_kube(resolved)
+    if kube is None:
+        raise ConfigError(f"{command} works on the Kubernetes Secret", fix="drop --target none")
+    return kube
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    resolved, provider = _prepare(args, source=True, why="whose token to rotate")
+    kube = assemble.build_kube(resolved)
+    rotator = _rotator(resolved, provider, kube)
     workload = _parse_restart(args, kube)
     report = rotator.rotate(dry_run=args.dry_run)
     _print_rotation(report, output=args.output)
     if workload is not None and kube is not None and not args.dry_run:
         _restart(
             kube, workload=workload, secret=resolved.secret, wait=args.wait, timeout=args.timeout
+        )
+    return ExitCode.OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import threading
+
+    from rotator import controller
+    from rotator import kube as kube_module
+
+    resolved, provider = _prepare(args, source=True, why="whose token to keep fresh")
+    kube = _require_kube(resolved, command="watch")
+    assert isinstance(kube.target, kube_module.SecretTarget)
+    watcher = controller.Controller(
+        api_client=kube.api_client,
+        namespace=kube.namespace,
+        selector=resolved.selector,
+        container=resolved.container,
+        rotator=lambda: _rotator(resolved, provider, kube),
+        target=kube.target,
+        expiry_margin=resolved.expiry_margin,
+        deletions_per_minute=resolved.deletions_per_minute,
+        lease_duration=resolved.leader_lease_duration,
+        metrics_port=resolved.metrics_port,
+    )
+    stop = threading.Event()
+    restore = controller.install_signal_handlers(stop)
+    try:
+        watcher.run(stop=stop)
+    finally:
+        restore()
+    return ExitCode.OK
+
+
+def cmd_roll(args: argparse.Namespace) -> int:
+    import threading
+
+    from rotator import controller, roll
+    from rotator import kube as kube_module
+
+    resolved, provider = _prepare(args, source=True, why="whose tokens to roll out")
+    kube = _require_kube(resolved, command="roll")
+    kind, name = kube_module.parse_workload_ref(args.workload)
+    progress = _ProgressPrinter(render=lambda p: p.describe(), as_dict=lambda p: p.as_dict())
+    stop = threading.Event()
+    restore = controller.install_signal_handlers(stop)
+    try:
+        report = roll.roll(
+            api_client=kube.api_client,
+            namespace=kube.namespace,
+            kind=kind,
+            name=name,
+            rotator=_rotator(resolved, provider, kube),
+            timeout_per_pod=args.timeout,
+            on_progress=progress,
+            restart=args.restart,
+            stop=stop,
+        )
+    finally:
+        progress.close()
+        restore()
+    if args.output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        verb = "resumed and finished" if report.resumed else "finished"
+        print(
+            f"roll {report.roll_id} of {report.workload} {verb}: {len(report.rolled)} pods "
+            f"rolled, {len(report.skipped)} skipped, {report.duration_seconds:.0f}s"
         )
     return ExitCode.OK
 
@@ -281,7 +409,18 @@ def _restart(
     )
     if not wait:
         return
-    progress = _ProgressPrinter()
+    progress = _ProgressPrinter(
+        render=lambda p: p.describe(),
+        as_dict=lambda p: {
+            "event": "rollout",
+            "workload": f"{p.kind}/{p.name}",
+            "desired": p.desired,
+            "updated": p.updated,
+            "ready": p.ready,
+            "available": p.available,
+            "done": p.done,
+        },
+    )
     try:
         kube_module.wait_for_rollout(
             api_client=kube.api_client,
@@ -304,32 +443,26 @@ def _controller_running(kube: assemble.KubeParts, *, secret: str) -> bool:
 
 
 class _ProgressPrinter:
-    """Rollout progress: one rewritten line on a terminal, JSON lines otherwise (stderr)."""
+    """Progress: one rewritten line on a terminal, JSON lines otherwise (stderr)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        render: Callable[[Any], str],
+        as_dict: Callable[[Any], dict[str, Any]],
+    ) -> None:
+        self.render = render
+        self.as_dict = as_dict
         self.tty = sys.stderr.isatty()
         self.last = ""
 
     def __call__(self, progress: Any) -> None:
         if self.tty:
-            text = progress.describe()
+            text = self.render(progress)
             sys.stderr.write("\r" + text.ljust(len(self.last)))
             self.last = text
         else:
-            sys.stderr.write(
-                json.dumps(
-                    {
-                        "event": "rollout",
-                        "workload": f"{progress.kind}/{progress.name}",
-                        "desired": progress.desired,
-                        "updated": progress.updated,
-                        "ready": progress.ready,
-                        "available": progress.available,
-                        "done": progress.done,
-                    }
-                )
-                + "\n"
-            )
+            sys.stderr.write(json.dumps(self.as_dict(progress)) + "\n")
         sys.stderr.flush()
 
     def close(self) -> None:

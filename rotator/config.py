@@ -158,6 +158,58 @@ KUBE_SETTINGS = (
     ),
 )
 
+
+def parse_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError("must be a fraction in [0, 1)")
+    return value
+
+
+def parse_port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0 picks a free one)")
+    return value
+
+
+WATCH_SETTINGS = (
+    Setting(
+        name="selector",
+        help="label selector of the agent pods (the controller deletes colliding ones)",
+        default="app=linuxguard-agent",
+    ),
+    Setting(name="container", help="the agent container's name (default: every container)"),
+    Setting(
+        name="expiry-margin",
+        help="rotate when this fraction of the token's TTL is left",
+        default=0.2,
+        parse=parse_fraction,
+        metavar="FRACTION",
+    ),
+    Setting(
+        name="deletions-per-minute",
+        help="rate limit of collision recoveries (pod deletions)",
+        default=6.0,
+        parse=float,
+        metavar="N",
+    ),
+    Setting(
+        name="leader-lease-duration",
+        help="leader election Lease duration; a dead leader is replaced after this long",
+        default=15.0,
+        parse=parse_seconds,
+        metavar="DURATION",
+    ),
+    Setting(
+        name="metrics-port",
+        help="port of /metrics, /healthz and /readyz",
+        default=9102,
+        parse=parse_port,
+        metavar="PORT",
+    ),
+)
+
 OUTPUT_SETTINGS = (
     Setting(
         name="log-format", help="logs on stderr", default="auto", choices=("auto", "text", "json")
