@@ -381,7 +381,10 @@ def test_network_policy_limits_egress(rendered: dict[str, list[dict[str, Any]]])
         policy = _find(rendered[overlay], "NetworkPolicy", "lg-rotate")["spec"]
         assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "lg-rotate"}
         assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-        assert policy["ingress"] == []
+        # ingress: only the controller's metrics port, only from the monitoring namespace
+        for rule in policy["ingress"]:
+            assert [p["port"] for p in rule["ports"]] == [9102]
+            assert all("namespaceSelector" in peer for peer in rule["from"])
         for rule in policy["egress"]:
             assert rule.get("ports"), f"{overlay}: an egress rule open on every port"
             assert rule.get("to"), f"{overlay}: an egress rule open to every destination"
