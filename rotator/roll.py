@@ -392,8 +392,8 @@ class _Roller:
     def run(self) -> RollReport:
         assert self.state is not None
         state = self.state
-        by_node = self.pods_by_node()
-        nodes = sorted(by_node)
+        inflight = state.inflight or {}
+        nodes = sorted(set(self.pods_by_node()) | ({inflight["node"]} if inflight else set()))
         self.total = len(nodes)
         self.progress("started")
         rolled: list[RolledPod] = []
@@ -401,21 +401,23 @@ class _Roller:
         for node in nodes:
             self.check_stop()
             pod = self.current(self.pods_by_node().get(node, []))
-            if pod is None:
-                continue  # the node went away, or its pod is being replaced right now
-            created = _created(pod)
-            pod_name = str(pod["metadata"]["name"])
-            inflight = state.inflight or {}
-            replaced = inflight.get("node") == node and inflight.get("uid") != str(
-                pod["metadata"].get("uid")
-            )
+            was_inflight = inflight.get("node") == node
+            if pod is None and not was_inflight:
+                log.warning("node %s has no pod of %s any more: skipping it", node, self.workload)
+                continue
+            uid = str(pod["metadata"].get("uid")) if pod is not None else None
+            created = _created(pod) if pod is not None else None
+            pod_name = str(pod["metadata"]["name"]) if pod is not None else inflight["pod"]
+            replaced = was_inflight and uid != inflight.get("uid")
             if (
                 node in state.done
                 or replaced
                 or (created is not None and created > state.started_at)
             ):
-                if not pod_is_ready(pod):
-                    self.wait_ready(node, old_uids=set(), pod_name=pod_name)
+                if pod is None or not pod_is_ready(pod):
+                    # The interrupted replacement: wait for it (it may not exist yet).
+                    old = {inflight["uid"]} if was_inflight and inflight.get("uid") else set()
+                    pod_name = self.wait_ready(node, old_uids=old, pod_name=pod_name)[0]
                 if node not in state.done:
                     state.done.append(node)
                     state.inflight = None
@@ -423,6 +425,7 @@ class _Roller:
                 skipped.append(node)
                 self.progress("skipped", node=node, pod=pod_name)
                 continue
+            assert pod is not None
             rolled.append(self.roll_one(node, pod))
         final = None
         if rolled:

@@ -325,6 +325,12 @@ class PodSim:
             self.nodes.discard(node)
         self._poke.set()
 
+    def set_recreate(self, value: bool) -> None:
+        """False: the DaemonSet controller stops replacing deleted pods (True resumes)."""
+        with self.lock:
+            self.recreate = value
+        self._poke.set()
+
     def set_mode(self, node: str, mode: AgentMode) -> None:
         """How the agent on ``node`` reacts to a refused enrolment (pods created from now)."""
         with self.lock:
@@ -616,16 +622,16 @@ class PodSim:
         previous: dict[str, Any] | None = None  # lastState.terminated
         while not pod.deleted.is_set() and not self._stopping.is_set():
             read = self._read_secret()
+            read_at = self.clock()  # the container starts with what it just read
             if read is None:
                 if self._sleep(pod, 0.1):
                     return
                 continue
             token, tenant, expires_at = read
-            if barrier is not None:
+            if barrier is not None:  # a burst: nobody reports a start before all have read
                 with contextlib.suppress(threading.BrokenBarrierError):
                     barrier.wait()
                 barrier = None
-            read_at = self.clock()
             container_id = f"sim://{uuid.uuid4().hex}"
             started_at = format_timestamp(read_at)
             running = {

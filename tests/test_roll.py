@@ -133,6 +133,8 @@ def test_interrupted_roll_resumes_where_it_stopped(
     created_before = cluster.pods_created()
 
     def interrupt_after_third_delete(update: RollProgress) -> None:
+        if update.phase == "rotated" and update.node == NODES[2]:
+            cluster.set_recreate(False)  # its replacement will be late
         if update.phase == "deleted" and update.node == NODES[2]:
             raise InterruptError
 
@@ -153,7 +155,16 @@ def test_interrupted_roll_resumes_where_it_stopped(
     assert state["inflight"]["node"] == NODES[2]
     assert state["inflight"]["uid"] == original[NODES[2]]
 
+    assert NODES[2] not in cluster.live_pods()
+
     updates: list[RollProgress] = []
+
+    def replacement_arrives_late(update: RollProgress) -> None:
+        updates.append(update)
+        if update.phase == "started":  # the rerun starts while node-c has no pod at all
+            assert update.total == len(NODES)
+            cluster.set_recreate(True)
+
     report = roll(
         api_client=api,
         namespace=k8s_namespace,
@@ -162,7 +173,7 @@ def test_interrupted_roll_resumes_where_it_stopped(
         rotator=rotator,
         timeout_per_pod=15,
         poll_interval=0.02,
-        on_progress=updates.append,
+        on_progress=replacement_arrives_late,
     )
     assert report.resumed is True
     assert report.roll_id == state["id"]
@@ -221,7 +232,7 @@ def test_a_replacement_that_restarts_gets_another_rotation(
 def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
     k8s: KubeCluster, k8s_namespace: str, rotator: Rotator, cluster: PodSim
 ) -> None:
-    cluster.recreate = False  # the DaemonSet controller is stuck: nothing replaces the pod
+    cluster.set_recreate(False)  # the DaemonSet controller is stuck: nothing replaces the pod
     started = time.monotonic()
     with pytest.raises(RolloutTimeoutError) as failure:
         roll(
@@ -242,8 +253,7 @@ def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
     assert state["completed"] is False
     assert state["inflight"]["node"] == NODES[0]
 
-    cluster.recreate = True
-    cluster._poke.set()
+    cluster.set_recreate(True)
     report = roll(
         api_client=k8s.api_client(),
         namespace=k8s_namespace,
