@@ -1187,9 +1187,9 @@ class Controller:
 
     def run(self, *, stop: threading.Event) -> None:
         """Compete for leadership and, while leading, keep the Secret fresh; until ``stop``."""
+        self._start_http()  # first: a port in use is a configuration error, raised here
         self._running = True
         self._beat = self.monotonic()
-        self._start_http()
         self._events_stop.clear()
         self._events_thread = threading.Thread(
             target=self._send_events, name="lg-rotate-events", daemon=True
@@ -1817,13 +1817,20 @@ class Controller:
     def _start_http(self) -> None:
         if self.metrics_port is None:
             return
-        self._server = MetricsServer(
-            registry=self.metrics.registry,
-            liveness=self._liveness,
-            readiness=self._readiness,
-            host=self.metrics_host,
-            port=self.metrics_port,
-        ).start()
+        try:
+            self._server = MetricsServer(
+                registry=self.metrics.registry,
+                liveness=self._liveness,
+                readiness=self._readiness,
+                host=self.metrics_host,
+                port=self.metrics_port,
+            ).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {self.metrics_host}:{self.metrics_port}: "
+                f"{exc.strerror or type(exc).__name__}",
+                fix="pick another --metrics-port (0: any free port), or stop what uses it",
+            ) from exc
 
     def _stop_http(self) -> None:
         if self._server is not None:

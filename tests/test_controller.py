@@ -899,3 +899,23 @@ def test_a_leader_that_cannot_renew_its_lease_steps_down(
     assert time.monotonic() - lost_at >= 1.5  # it kept leading while its Lease was valid
     assert controller.metrics.leader.value() == 0
     assert controller.status().running
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error(
+    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer
+) -> None:
+    taken = MetricsServer(
+        registry=Registry(),
+        liveness=lambda: (True, {}),
+        readiness=lambda: (True, {}),
+        host="127.0.0.1",
+        port=0,
+    ).start()
+    try:
+        controller = make_controller(k8s, k8s_namespace, sandbox, metrics_port=taken.port)
+        with pytest.raises(ConfigError, match="cannot serve metrics") as failure:
+            controller.run(stop=threading.Event())
+        assert "--metrics-port" in (failure.value.fix or "")
+        assert not controller.status().running
+    finally:
+        taken.stop()
