@@ -52,7 +52,7 @@ SECRETS = kmock.resource("", "v1", "secrets")
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public")
 _NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/([^/]+)(?:/(status|finalize))?)?/?$")
 _NAMESPACE_ALIAS = "lgsim-namespaces"  # kmock parses it as a cluster-scoped plural
-_HISTORY_HIGH, _HISTORY_LOW = 400, 100
+_HISTORY_HIGH, _HISTORY_LOW = 48, 16
 _JOURNAL_SIZE = 20_000
 _WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
