@@ -94,15 +94,15 @@ from rotator.errors import (
 from rotator.kube import (
     FIELD_MANAGER,
     MERGE_PATCH,
+    ApiOp,
     KubernetesNotFoundError,
     LeaseLock,
     SecretTarget,
-    _api_error,
-    _Op,
-    _request,
-    _secret_uid,
-    _transport_reason,
+    api_error,
+    api_request,
+    read_secret_uid,
     record_event,
+    transport_reason,
 )
 from rotator.metrics import Counter, Gauge, Histogram, MetricsServer, Registry
 from rotator.rotation import Action, RotationReport, Rotator, Step
@@ -681,9 +681,9 @@ class PodApi:
         self._response: Any = None
         self._response_lock = threading.Lock()
 
-    def _op(self, verb: str, name: str | None = None, *, kind: str = "Pod") -> _Op:
+    def _op(self, verb: str, name: str | None = None, *, kind: str = "Pod") -> ApiOp:
         resource, group = ("pods", "") if kind == "Pod" else (f"{kind.lower()}s", "apps")
-        return _Op(
+        return ApiOp(
             verb=verb,
             kind=kind,
             resource=resource,
@@ -704,7 +704,7 @@ class PodApi:
         return client.AppsV1Api(self.api_client)
 
     def list(self, *, selector: str) -> tuple[list[dict[str, Any]], str | None]:
-        answer = _request(
+        answer = api_request(
             self.api_client,
             self._op("list"),
             self._core().list_namespaced_pod,
@@ -739,10 +739,10 @@ class PodApi:
         try:
             response = self._core().list_namespaced_pod(**kwargs)
         except ApiException as exc:
-            refused = _api_error(exc, op)
+            refused = api_error(exc, op)
         except TransportError as exc:
             raise KubernetesError(
-                f"cannot watch pods in namespace {self.namespace!r}: {_transport_reason(exc)}",
+                f"cannot watch pods in namespace {self.namespace!r}: {transport_reason(exc)}",
                 fix="check the API server and the network path to it",
             ) from exc
         if refused is not None:
@@ -761,8 +761,7 @@ class PodApi:
                 yield json.loads(buffer)
         except (TransportError, OSError, ValueError) as exc:
             raise KubernetesError(
-                f"the watch on pods in namespace {self.namespace!r} broke: "
-                f"{_transport_reason(exc)}",
+                f"the watch on pods in namespace {self.namespace!r} broke: {transport_reason(exc)}",
                 fix="it is re-established by itself; check the API server if it keeps breaking",
             ) from exc
         finally:
@@ -790,7 +789,7 @@ class PodApi:
         if uid:
             body["preconditions"] = {"uid": uid}
         try:
-            _request(
+            api_request(
                 self.api_client,
                 self._op("delete", name),
                 self._core().delete_namespaced_pod,
@@ -805,7 +804,7 @@ class PodApi:
 
     def read_workload(self, *, kind: str, name: str) -> dict[str, Any]:
         api = {"DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}[kind]
-        result: dict[str, Any] = _request(
+        result: dict[str, Any] = api_request(
             self.api_client,
             self._op("get", name, kind=kind),
             getattr(self._apps(), f"read_namespaced_{api}"),
@@ -819,7 +818,7 @@ class PodApi:
         self, *, kind: str, name: str, annotations: Mapping[str, str | None]
     ) -> dict[str, Any]:
         api = {"DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}[kind]
-        result: dict[str, Any] = _request(
+        result: dict[str, Any] = api_request(
             self.api_client,
             self._op("patch", name, kind=kind),
             getattr(self._apps(), f"patch_namespaced_{api}"),
@@ -1119,7 +1118,7 @@ class Controller:
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue(maxsize=_EVENT_QUEUE)
         self._events_stop = threading.Event()
         self._events_thread: threading.Thread | None = None
-        self._secret_uid: str | None = None
+        self.secret_uid: str | None = None
         self.collision_log: collections.deque[CollisionRecord] = collections.deque(
             maxlen=_LOG_COLLISIONS
         )
@@ -1778,8 +1777,8 @@ class Controller:
                 if self._events_stop.is_set():
                     return
                 continue
-            if self._secret_uid is None:
-                self._secret_uid = _secret_uid(
+            if self.secret_uid is None:
+                self.secret_uid = read_secret_uid(
                     self.api_client, self.namespace, self.target.name, self.request_timeout
                 )
             if not record_event(
@@ -1789,7 +1788,7 @@ class Controller:
                 reason=reason,
                 message=message,
                 type=kind,
-                secret_uid=self._secret_uid or "",
+                secret_uid=self.secret_uid or "",
                 clock=self.clock,
                 request_timeout=min(self.request_timeout, 10.0),
             ):

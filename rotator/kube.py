@@ -131,7 +131,7 @@ class KubernetesConflictError(KubernetesError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Op:
+class ApiOp:
     """One API operation, described for error messages and RBAC hints."""
 
     verb: str  # the RBAC verb: get, create, patch, list
@@ -157,7 +157,7 @@ def _status_body(exc: Any) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _api_error(exc: Any, op: _Op) -> KubernetesError:  # noqa: PLR0911 - one answer per status
+def api_error(exc: Any, op: ApiOp) -> KubernetesError:  # noqa: PLR0911 - one answer per status
     """Translate a kubernetes ``ApiException`` into lg-rotate's error, with a fix."""
     status = int(getattr(exc, "status", 0) or 0)
     reason = str(getattr(exc, "reason", "") or "").strip()
@@ -227,7 +227,7 @@ def _api_error(exc: Any, op: _Op) -> KubernetesError:  # noqa: PLR0911 - one ans
     )
 
 
-def _transport_reason(exc: BaseException) -> str:
+def transport_reason(exc: BaseException) -> str:
     text = str(exc).lower()
     if "connection refused" in text:
         return "connection refused"
@@ -240,7 +240,9 @@ def _transport_reason(exc: BaseException) -> str:
     return type(getattr(exc, "reason", None) or exc).__name__
 
 
-def _request(api_client: ApiClient, op: _Op, call: Callable[..., Any], /, **kwargs: Any) -> Any:
+def api_request(
+    api_client: ApiClient, op: ApiOp, call: Callable[..., Any], /, **kwargs: Any
+) -> Any:
     """Run one API call and return its JSON answer; raise lg-rotate errors only."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError as TransportError
@@ -255,14 +257,14 @@ def _request(api_client: ApiClient, op: _Op, call: Callable[..., Any], /, **kwar
             if callable(release):
                 release()
     except ApiException as exc:
-        refused = _api_error(exc, op)
+        refused = api_error(exc, op)
         if not op.writes:
             raise refused from exc
     except TransportError as exc:
         host = getattr(getattr(api_client, "configuration", None), "host", "?")
         raise KubernetesError(
             f"cannot reach the Kubernetes API at {host} to {op.verb} {op.what}: "
-            f"{_transport_reason(exc)}",
+            f"{transport_reason(exc)}",
             fix="check the cluster address (kubeconfig server or KUBERNETES_SERVICE_HOST), that "
             "the API server is up, and that a NetworkPolicy allows egress to it",
         ) from exc
@@ -506,8 +508,8 @@ class SecretTarget:
     def location(self) -> str:
         return f"k8s:{self.namespace}/{self.name}"
 
-    def _op(self, verb: str, *, writes: bool = False) -> _Op:
-        return _Op(
+    def _op(self, verb: str, *, writes: bool = False) -> ApiOp:
+        return ApiOp(
             verb=verb,
             kind="Secret",
             resource="secrets",
@@ -526,7 +528,7 @@ class SecretTarget:
         """The Secret as JSON, or None if it does not exist. Its ``data`` holds the token
         (base64): keep the dict inside this class, never log or return it."""
         try:
-            secret: dict[str, Any] = _request(
+            secret: dict[str, Any] = api_request(
                 self.api_client,
                 self._op("get"),
                 self._core().read_namespaced_secret,
@@ -628,7 +630,7 @@ class SecretTarget:
                     },
                 }
                 try:
-                    written = _request(
+                    written = api_request(
                         self.api_client,
                         self._op("create", writes=True),
                         core.create_namespaced_secret,
@@ -673,7 +675,7 @@ class SecretTarget:
                 },
             }
             try:
-                written = _request(
+                written = api_request(
                     self.api_client,
                     self._op("patch", writes=True),
                     core.patch_namespaced_secret,
@@ -827,8 +829,8 @@ class LeaseLock:
 
     # --- API plumbing ---
 
-    def _op(self, verb: str) -> _Op:
-        return _Op(
+    def _op(self, verb: str) -> ApiOp:
+        return ApiOp(
             verb=verb,
             kind="Lease",
             resource="leases",
@@ -845,7 +847,7 @@ class LeaseLock:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            lease: dict[str, Any] = _request(
+            lease: dict[str, Any] = api_request(
                 self.api_client,
                 self._op("get"),
                 self._api().read_namespaced_lease,
@@ -862,7 +864,7 @@ class LeaseLock:
         body: dict[str, Any] = {"spec": dict(spec)}
         if version:
             body["metadata"] = {"resourceVersion": version}
-        result: dict[str, Any] = _request(
+        result: dict[str, Any] = api_request(
             self.api_client,
             self._op("patch"),
             self._api().patch_namespaced_lease,
@@ -933,7 +935,7 @@ class LeaseLock:
                     "spec": {**spec, "leaseTransitions": 0},
                 }
                 try:
-                    _request(
+                    api_request(
                         self.api_client,
                         self._op("create"),
                         self._api().create_namespaced_lease,
@@ -1095,8 +1097,8 @@ class LeaseLock:
 # --- workloads -------------------------------------------------------------------------
 
 
-def _workload_op(verb: str, kind: WorkloadKind, namespace: str, name: str) -> _Op:
-    return _Op(
+def _workload_op(verb: str, kind: WorkloadKind, namespace: str, name: str) -> ApiOp:
+    return ApiOp(
         verb=verb,
         kind={"daemonset": "DaemonSet", "deployment": "Deployment", "statefulset": "StatefulSet"}[
             kind
@@ -1135,7 +1137,7 @@ def restart_workload(
         }
     }
     apps = client.AppsV1Api(api_client)
-    _request(
+    api_request(
         api_client,
         _workload_op("patch", canonical, namespace, name),
         getattr(apps, f"patch_namespaced_{_WORKLOAD_API[canonical]}"),
@@ -1287,7 +1289,7 @@ def wait_for_rollout(
     deadline = clock() + timeout
     last: RolloutProgress | None = None
     while True:
-        obj = _request(
+        obj = api_request(
             api_client,
             _workload_op("get", canonical, namespace, name),
             read,
@@ -1317,10 +1319,10 @@ def wait_for_rollout(
 # --- events ----------------------------------------------------------------------------
 
 
-def _secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float) -> str | None:
+def read_secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float) -> str | None:
     from kubernetes import client
 
-    op = _Op(
+    op = ApiOp(
         verb="get",
         kind="Secret",
         resource="secrets",
@@ -1330,7 +1332,7 @@ def _secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float
         writes=False,
     )
     try:
-        secret = _request(
+        secret = api_request(
             api_client,
             op,
             client.CoreV1Api(api_client).read_namespaced_secret,
@@ -1374,7 +1376,7 @@ def record_event(
         "namespace": namespace,
     }
     if secret_uid is None:
-        secret_uid = _secret_uid(api_client, namespace, secret_name, request_timeout)
+        secret_uid = read_secret_uid(api_client, namespace, secret_name, request_timeout)
     if secret_uid:  # kubectl describe matches events by the object's uid
         involved["uid"] = secret_uid
     body = {
@@ -1396,7 +1398,7 @@ def record_event(
         "reportingComponent": FIELD_MANAGER,
         "reportingInstance": host,
     }
-    op = _Op(
+    op = ApiOp(
         verb="create",
         kind="Event",
         resource="events",
@@ -1406,7 +1408,7 @@ def record_event(
         writes=True,
     )
     try:
-        _request(
+        api_request(
             api_client,
             op,
             client.CoreV1Api(api_client).create_namespaced_event,

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from podsim import make_controller, make_rotator, trim_kubesim_history
 
 from fixtures.kube import KubeCluster
+from podsim import make_controller, make_rotator, trim_kubesim_history
 from rotator import controller as ctl
 from rotator.controller import (
     UNKNOWN_TOKEN,

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from podsim import PodSim, trim_kubesim_history
 
 from fixtures.kube import KubeCluster
+from podsim import PodSim, trim_kubesim_history
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import ConfigError, ExitCode, RolloutTimeoutError
 from rotator.kube import LeaseLock, SecretTarget

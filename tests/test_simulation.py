@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from podsim import PodSim, make_controller, trim_kubesim_history
 
 from fixtures.kube import KubeCluster
+from podsim import PodSim, make_controller, trim_kubesim_history
 from rotator.controller import Controller
 from rotator.sandbox import SandboxServer
 
