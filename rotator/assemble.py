@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ from providers import registry
 from providers.base import Provider, ProviderOption
 from rotator import config
 from rotator.errors import ConfigError
-from rotator.targets import Lock, NoLock, Target
+from rotator.targets import Lock, Target
 from rotator.tokens import Secret
 
 if TYPE_CHECKING:
@@ -65,14 +65,12 @@ class ApiKeyVault:
     """
 
     from_env: Secret | None = None
-    captured: bool = field(default=False)
 
     def capture(self, env: os._Environ[str] | dict[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         value = env.pop("LINUXGUARD_API_KEY", None)
         if value is not None and value.strip():
             self.from_env = Secret(value.strip())
-        self.captured = True
 
 
 API_KEY = ApiKeyVault()
@@ -152,10 +150,6 @@ def build_kube(resolved: config.Resolved) -> KubeParts | None:
         wait=resolved.lock_wait,
     )
     return KubeParts(target=target, lock=lock, namespace=namespace, api_client=api_client)
-
-
-def no_lock() -> Lock:
-    return NoLock()
 
 
 def min_ttl(resolved: config.Resolved) -> timedelta:

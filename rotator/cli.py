@@ -317,7 +317,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         namespace=kube.namespace,
         selector=resolved.selector,
         container=resolved.container,
-        rotator=lambda: _rotator(resolved, provider, kube),
+        rotator=_rotator(resolved, provider, kube),  # one client, reused for every rotation
         target=kube.target,
         expiry_margin=resolved.expiry_margin,
         deletions_per_minute=resolved.deletions_per_minute,

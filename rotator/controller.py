@@ -1098,7 +1098,6 @@ class Controller:
             api_client=api_client, namespace=namespace, request_timeout=request_timeout
         )
         self._rotator_source = rotator
-        self._rotator_cache: Rotator | None = None
         self._bucket = TokenBucket(
             rate=deletions_per_minute, per=60.0, capacity=deletion_burst, monotonic=monotonic
         )

@@ -68,6 +68,18 @@ def roll_state(k8s: KubeCluster, namespace: str) -> dict[str, Any]:
     return json.loads(ds["metadata"]["annotations"][ROLL_STATE_ANNOTATION])
 
 
+def roll_agents(k8s: KubeCluster, namespace: str, rotator: Rotator, **options: Any) -> Any:
+    """``roll`` of the simulated agent DaemonSet (the settings every test shares)."""
+    return roll(
+        api_client=k8s.api_client(),
+        namespace=namespace,
+        kind="daemonset",
+        name="linuxguard-agent",
+        rotator=rotator,
+        **options,
+    )
+
+
 def test_roll_replaces_every_pod_with_a_fresh_token_each(
     k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: PodSim
 ) -> None:
@@ -212,12 +224,10 @@ def test_a_replacement_that_restarts_gets_another_rotation(
     # The first replacement's enrolment is refused (409) once: it crash-loops, reading the
     # Secret again on restart; roll rotates so that restart finds a fresh token.
     sandbox.inject_fault(status=409, count=1, path=ENROLL_PATH)
-    report = roll(
-        api_client=k8s.api_client(),
-        namespace=k8s_namespace,
-        kind="daemonset",
-        name="linuxguard-agent",
-        rotator=rotator,
+    report = roll_agents(
+        k8s,
+        k8s_namespace,
+        rotator,
         timeout_per_pod=15,
         poll_interval=0.02,
     )
@@ -235,12 +245,10 @@ def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
     cluster.set_recreate(False)  # the DaemonSet controller is stuck: nothing replaces the pod
     started = time.monotonic()
     with pytest.raises(RolloutTimeoutError) as failure:
-        roll(
-            api_client=k8s.api_client(),
-            namespace=k8s_namespace,
-            kind="daemonset",
-            name="linuxguard-agent",
-            rotator=rotator,
+        roll_agents(
+            k8s,
+            k8s_namespace,
+            rotator,
             timeout_per_pod=0.5,
             poll_interval=0.02,
         )
@@ -254,12 +262,10 @@ def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
     assert state["inflight"]["node"] == NODES[0]
 
     cluster.set_recreate(True)
-    report = roll(
-        api_client=k8s.api_client(),
-        namespace=k8s_namespace,
-        kind="daemonset",
-        name="linuxguard-agent",
-        rotator=rotator,
+    report = roll_agents(
+        k8s,
+        k8s_namespace,
+        rotator,
         timeout_per_pod=15,
         poll_interval=0.02,
     )
@@ -280,12 +286,10 @@ def test_roll_stops_between_steps_when_asked(
             stop.set()
 
     with pytest.raises(RollInterruptedError) as interrupted:
-        roll(
-            api_client=k8s.api_client(),
-            namespace=k8s_namespace,
-            kind="daemonset",
-            name="linuxguard-agent",
-            rotator=rotator,
+        roll_agents(
+            k8s,
+            k8s_namespace,
+            rotator,
             timeout_per_pod=15,
             poll_interval=0.02,
             on_progress=stop_after_first,
