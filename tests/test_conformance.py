@@ -66,13 +66,14 @@ def test_empty_store_reads_none(provider):
 
 
 def test_write_pending_then_promote(provider):
-    written = provider.write_pending(tenant="acme", token=token(1), rotation_id=str(uuid.uuid4()))
+    stored = token(1)  # built once: its expiry is "now + TTL", a second later it differs
+    written = provider.write_pending(tenant="acme", token=stored, rotation_id=str(uuid.uuid4()))
     pending = provider.read(tenant="acme", stage=Stage.PENDING)
     assert pending is not None
     assert pending.version == written.version
-    assert pending.token.value == token(1).value
+    assert pending.token.value == stored.value
     assert pending.token.tenant_id == "acme"
-    assert pending.token.expires_at == token(1).expires_at
+    assert pending.token.expires_at == stored.expires_at
     assert pending.rotation_id == written.rotation_id
     assert provider.read(tenant="acme", stage=Stage.CURRENT) is None
 
