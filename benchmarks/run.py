@@ -563,7 +563,8 @@ def bench_kube(env: Servers, plan: Plan, vault_only: Contender) -> list[Row]:
     """4. Rotation with delivery to a Kubernetes Secret (KubeSim), in-process and cold CLI."""
     cluster = servers.start_kube()
     try:
-        from rotator.kube import LeaseLock, SecretTarget
+        from rotator.kube.lease import LeaseLock
+        from rotator.kube.secret import SecretTarget
 
         namespace = "default"
         api_client = cluster.api_client()

@@ -131,18 +131,20 @@ class KubeParts:
 def build_kube(resolved: config.Resolved) -> KubeParts | None:
     if resolved.target == "none":
         return None
-    from rotator import kube
+    from rotator.kube.api import connect
+    from rotator.kube.lease import LeaseLock
+    from rotator.kube.secret import SecretTarget
 
     namespace = resolved.namespace or config.in_cluster_namespace() or "default"
-    api_client = kube.connect(kubeconfig=resolved.kubeconfig, context=resolved.context)
-    target = kube.SecretTarget(
+    api_client = connect(kubeconfig=resolved.kubeconfig, context=resolved.context)
+    target = SecretTarget(
         api_client=api_client,
         namespace=namespace,
         name=resolved.secret,
         token_key=resolved.token_key,
         tenant_key=resolved.tenant_key,
     )
-    lock = kube.LeaseLock(
+    lock = LeaseLock(
         api_client=api_client,
         namespace=namespace,
         secret_name=resolved.secret,

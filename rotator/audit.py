@@ -1935,7 +1935,7 @@ def run_audit_command(
     secret_metadata: dict[tuple[str, str], dict[str, Any]] = {}
     if args.cluster:
         if api_client is None:
-            from rotator.kube import connect
+            from rotator.kube.api import connect
 
             api_client = connect(kubeconfig=args.kubeconfig, context=args.context)
         client = api_client

@@ -306,12 +306,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     import threading
 
-    from rotator import controller
-    from rotator import kube as kube_module
+    from rotator.kube import controller
+    from rotator.kube.secret import SecretTarget
 
     resolved, provider = _prepare(args, source=True, why="whose token to keep fresh")
     kube = _require_kube(resolved, command="watch")
-    assert isinstance(kube.target, kube_module.SecretTarget)
+    assert isinstance(kube.target, SecretTarget)
     watcher = controller.Controller(
         api_client=kube.api_client,
         namespace=kube.namespace,
@@ -336,12 +336,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_roll(args: argparse.Namespace) -> int:
     import threading
 
-    from rotator import controller, roll
-    from rotator import kube as kube_module
+    from rotator.kube import controller, roll, workloads
 
     resolved, provider = _prepare(args, source=True, why="whose tokens to roll out")
     kube = _require_kube(resolved, command="roll")
-    kind, name = kube_module.parse_workload_ref(args.workload)
+    kind, name = workloads.parse_workload_ref(args.workload)
     progress = _ProgressPrinter(render=lambda p: p.describe(), as_dict=lambda p: p.as_dict())
     stop = threading.Event()
     restore = controller.install_signal_handlers(stop)
@@ -383,15 +382,15 @@ def _parse_restart(
         raise ConfigError(
             "--restart needs the Kubernetes target", fix="drop --target none or drop --restart"
         )
-    from rotator import kube as kube_module
+    from rotator.kube import workloads
 
-    return kube_module.parse_workload_ref(args.restart)
+    return workloads.parse_workload_ref(args.restart)
 
 
 def _restart(
     kube: assemble.KubeParts, *, workload: tuple[str, str], secret: str, wait: bool, timeout: float
 ) -> None:
-    from rotator import kube as kube_module
+    from rotator.kube import workloads
     from rotator.tokens import utcnow
 
     kind, name = workload
@@ -404,7 +403,7 @@ def _restart(
             name,
             name,
         )
-    kube_module.restart_workload(
+    workloads.restart_workload(
         api_client=kube.api_client, namespace=kube.namespace, kind=kind, name=name, at=utcnow()
     )
     if not wait:
@@ -422,7 +421,7 @@ def _restart(
         },
     )
     try:
-        kube_module.wait_for_rollout(
+        workloads.wait_for_rollout(
             api_client=kube.api_client,
             namespace=kube.namespace,
             kind=kind,
@@ -435,7 +434,7 @@ def _restart(
 
 
 def _controller_running(kube: assemble.KubeParts, *, secret: str) -> bool:
-    from rotator import controller
+    from rotator.kube import controller
 
     return controller.is_running(
         api_client=kube.api_client, namespace=kube.namespace, secret_name=secret

@@ -51,8 +51,10 @@ from kubernetes import client
 from fixtures.kube import KubeCluster
 from providers.memory import MemoryProvider, MemoryStore
 from rotator import agent
-from rotator.controller import Controller
-from rotator.kube import LeaseLock, SecretTarget, restart_workload
+from rotator.kube.controller import Controller
+from rotator.kube.lease import LeaseLock
+from rotator.kube.secret import SecretTarget
+from rotator.kube.workloads import restart_workload
 from rotator.linuxguard import LinuxGuardClient
 from rotator.retrying import RetryPolicy
 from rotator.rotation import Rotator

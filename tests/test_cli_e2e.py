@@ -17,7 +17,8 @@ import time
 import pytest
 
 from providers.base import Stage
-from rotator.kube import LeaseLock, SecretTarget
+from rotator.kube.lease import LeaseLock
+from rotator.kube.secret import SecretTarget
 from rotator.tokens import TOKEN_SHAPED
 
 TENANT = "acme"

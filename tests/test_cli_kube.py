@@ -18,7 +18,7 @@ import pytest
 
 from fixtures.ports import free_port
 from providers.base import Stage
-from rotator.kube import SecretTarget
+from rotator.kube.secret import SecretTarget
 
 TENANT = "acme"
 

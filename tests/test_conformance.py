@@ -18,7 +18,7 @@ from providers import registry
 from providers.base import Provider, Stage
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import StoreConflictError, StoreError
-from rotator.kube import SecretTarget
+from rotator.kube.secret import SecretTarget
 from rotator.linuxguard import LinuxGuardClient
 from rotator.retrying import RetryPolicy
 from rotator.rotation import Action, Rotator, Step

@@ -24,24 +24,24 @@ from kubernetes import client
 
 from fixtures.kube import KubeCluster
 from podsim import make_controller, make_rotator, trim_kubesim_history
-from rotator import controller as ctl
-from rotator.controller import (
+from rotator.errors import ConfigError, KubernetesError
+from rotator.kube import controller as ctl
+from rotator.kube.collisions import (
     UNKNOWN_TOKEN,
     CollisionTracker,
-    Controller,
-    PodStart,
-    PodView,
     TokenBucket,
     TokenTimeline,
     Verdict,
-    container_instances,
+)
+from rotator.kube.controller import (
+    Controller,
     controller_lease_name,
     install_signal_handlers,
     is_running,
-    pod_is_ready,
 )
-from rotator.errors import ConfigError, KubernetesError
-from rotator.kube import LeaseLock, SecretTarget
+from rotator.kube.lease import LeaseLock
+from rotator.kube.pods import ContainerView, PodStart, PodView, container_instances, pod_is_ready
+from rotator.kube.secret import SecretTarget
 from rotator.linuxguard import MINT_PATH
 from rotator.metrics import Counter, Gauge, Histogram, MetricsServer, Registry
 from rotator.sandbox import SandboxServer
@@ -197,15 +197,15 @@ def test_starts_of_one_pod_never_collide_and_historical_ones_are_only_partners()
     assert set(other.suspects) == {newcomer.ident}
 
 
-def container(key: str, *, ready: bool, current: bool = True) -> ctl.ContainerView:
-    view = ctl.ContainerView(latest_key=key, current_key=key if current else None, ready=ready)
+def container(key: str, *, ready: bool, current: bool = True) -> ContainerView:
+    view = ContainerView(latest_key=key, current_key=key if current else None, ready=ready)
     view.seen.add(key)
     if ready:
         view.ready_keys.add(key)
     return view
 
 
-def pods_of(**views: ctl.ContainerView) -> dict[str, PodView]:
+def pods_of(**views: ContainerView) -> dict[str, PodView]:
     return {
         f"uid-{name}": PodView(uid=f"uid-{name}", name=name, node=None, containers={"agent": view})
         for name, view in views.items()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from providers.base import Stage
-from rotator.kube import SecretTarget
+from rotator.kube.secret import SecretTarget
 
 TENANT = "acme"
 CRASHRUN = Path(__file__).parent / "crashrun.py"

@@ -26,13 +26,23 @@ from fixtures.kube import KubeCluster
 from fixtures.ports import free_port
 from kubesim import label_selector_matches, merge_diff
 from providers.base import Stage, StoredRecord
-from rotator import kube
 from rotator.errors import (
     ConfigError,
     ExitCode,
     KubernetesError,
     LockError,
     RolloutTimeoutError,
+)
+from rotator.kube.api import MERGE_PATCH, KubernetesConflictError, KubernetesNotFoundError, connect
+from rotator.kube.events import record_event
+from rotator.kube.lease import LeaseHolder, LeaseLock, lease_name_for
+from rotator.kube.secret import SecretTarget
+from rotator.kube.workloads import (
+    RolloutProgress,
+    parse_workload_ref,
+    restart_workload,
+    rollout_progress,
+    wait_for_rollout,
 )
 from rotator.targets import Delivery
 from rotator.tokens import EnrollToken, format_timestamp, parse_timestamp
@@ -94,8 +104,8 @@ def core(api: Any) -> client.CoreV1Api:
 
 
 @pytest.fixture
-def target(api: Any, k8s_namespace: str) -> kube.SecretTarget:
-    return kube.SecretTarget(api_client=api, namespace=k8s_namespace)
+def target(api: Any, k8s_namespace: str) -> SecretTarget:
+    return SecretTarget(api_client=api, namespace=k8s_namespace)
 
 
 # --- the emulator's additions ----------------------------------------------------------
@@ -127,11 +137,11 @@ def test_sim_rejects_stale_resource_version(core: client.CoreV1Api, k8s_namespac
         "s",
         k8s_namespace,
         {"metadata": {"resourceVersion": read_version, "labels": {"x": "1"}}},
-        _content_type=kube.MERGE_PATCH,
+        _content_type=MERGE_PATCH,
     )
     assert int(patched.metadata.resource_version) > int(read_version)
     for body, content_type in [
-        ({"metadata": {"resourceVersion": read_version, "labels": {"x": "2"}}}, kube.MERGE_PATCH),
+        ({"metadata": {"resourceVersion": read_version, "labels": {"x": "2"}}}, MERGE_PATCH),
         (
             [
                 {"op": "replace", "path": "/metadata/resourceVersion", "value": read_version},
@@ -146,7 +156,7 @@ def test_sim_rejects_stale_resource_version(core: client.CoreV1Api, k8s_namespac
         assert "the object has been modified" in json.loads(stale.value.body)["message"]
     # a patch without a resourceVersion is unconditional, as on a real API server
     free = core.patch_namespaced_secret(
-        "s", k8s_namespace, {"metadata": {"labels": {"x": "3"}}}, _content_type=kube.MERGE_PATCH
+        "s", k8s_namespace, {"metadata": {"labels": {"x": "3"}}}, _content_type=MERGE_PATCH
     )
     assert free.metadata.labels == {"x": "3"}
     # PUT (replace) follows the same rule
@@ -175,7 +185,7 @@ def test_sim_modify_acts_as_another_writer(
             "s",
             k8s_namespace,
             {"metadata": {"resourceVersion": created.metadata.resource_version}},
-            _content_type=kube.MERGE_PATCH,
+            _content_type=MERGE_PATCH,
         )
     assert stale.value.status == 409
     assert core.read_namespaced_secret("s", k8s_namespace).metadata.labels == {"by": "x"}
@@ -185,11 +195,11 @@ def test_sim_generation_follows_spec(k8s: KubeCluster, api: Any, k8s_namespace: 
     create_daemonset(api, k8s_namespace, "agent")
     apps = client.AppsV1Api(api)
     apps.patch_namespaced_daemon_set(
-        "agent", k8s_namespace, {"metadata": {"labels": {"a": "b"}}}, _content_type=kube.MERGE_PATCH
+        "agent", k8s_namespace, {"metadata": {"labels": {"a": "b"}}}, _content_type=MERGE_PATCH
     )
     assert k8s.get("apps/v1/daemonsets", k8s_namespace, "agent")["metadata"]["generation"] == 1
     apps.patch_namespaced_daemon_set(
-        "agent", k8s_namespace, {"spec": {"minReadySeconds": 5}}, _content_type=kube.MERGE_PATCH
+        "agent", k8s_namespace, {"spec": {"minReadySeconds": 5}}, _content_type=MERGE_PATCH
     )
     assert k8s.get("apps/v1/daemonsets", k8s_namespace, "agent")["metadata"]["generation"] == 2
 
@@ -270,7 +280,7 @@ def test_sim_watch_filters_and_times_out(core: client.CoreV1Api, k8s_namespace: 
 
 
 def test_deliver_creates_missing_secret(
-    k8s: KubeCluster, target: kube.SecretTarget, k8s_namespace: str
+    k8s: KubeCluster, target: SecretTarget, k8s_namespace: str
 ) -> None:
     assert target.read_state() is None
     assert target.read_token() is None
@@ -317,7 +327,7 @@ def test_deliver_patches_existing_secret_with_read_version(
             "data": {"other": b64("kept"), "code": b64("old")},
         },
     )
-    target = kube.SecretTarget(
+    target = SecretTarget(
         api_client=api,
         namespace=k8s_namespace,
         name="enroll",
@@ -347,12 +357,12 @@ def test_deliver_patches_existing_secret_with_read_version(
 
     patches = k8s.emulator.writes(resource="v1/secrets", namespace=k8s_namespace, name="enroll")
     assert len(patches) == 1
-    assert patches[0].headers["Content-Type"] == kube.MERGE_PATCH
+    assert patches[0].headers["Content-Type"] == MERGE_PATCH
     assert patches[0].data["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
 
 def test_deliver_retries_after_a_concurrent_change(
-    k8s: KubeCluster, target: kube.SecretTarget, k8s_namespace: str
+    k8s: KubeCluster, target: SecretTarget, k8s_namespace: str
 ) -> None:
     target.deliver(make_delivery(rotation_id="rot-1"))
     intruded: list[str] = []
@@ -393,7 +403,7 @@ def test_deliver_retries_after_a_concurrent_change(
 def test_deliver_gives_up_when_the_secret_keeps_changing(
     k8s: KubeCluster, api: Any, k8s_namespace: str
 ) -> None:
-    target = kube.SecretTarget(api_client=api, namespace=k8s_namespace, max_attempts=3)
+    target = SecretTarget(api_client=api, namespace=k8s_namespace, max_attempts=3)
     target.deliver(make_delivery(rotation_id="rot-1"))
 
     async def intrude(request: kmock.Request) -> None:
@@ -404,7 +414,7 @@ def test_deliver_gives_up_when_the_secret_keeps_changing(
 
     k8s.before_write(intrude)
     delivery = make_delivery(rotation_id="rot-2")
-    with pytest.raises(kube.KubernetesConflictError) as failure:
+    with pytest.raises(KubernetesConflictError) as failure:
         target.deliver(delivery)
     assert target.attempts == 3
     assert "kept changing" in failure.value.message
@@ -415,7 +425,7 @@ def test_deliver_gives_up_when_the_secret_keeps_changing(
 
 
 def test_read_state_parses_annotations(
-    core: client.CoreV1Api, target: kube.SecretTarget, k8s_namespace: str
+    core: client.CoreV1Api, target: SecretTarget, k8s_namespace: str
 ) -> None:
     core.create_namespaced_secret(
         k8s_namespace,
@@ -447,7 +457,7 @@ def test_read_state_parses_annotations(
 
 def test_read_state_tolerates_foreign_annotations(
     core: client.CoreV1Api,
-    target: kube.SecretTarget,
+    target: SecretTarget,
     k8s_namespace: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -463,7 +473,7 @@ def test_read_state_tolerates_foreign_annotations(
 
 
 def test_read_token_needs_the_expiry_annotation(
-    core: client.CoreV1Api, target: kube.SecretTarget, k8s_namespace: str
+    core: client.CoreV1Api, target: SecretTarget, k8s_namespace: str
 ) -> None:
     core.create_namespaced_secret(
         k8s_namespace,
@@ -474,7 +484,7 @@ def test_read_token_needs_the_expiry_annotation(
 
 
 def test_deliver_refuses_non_opaque_secret(
-    core: client.CoreV1Api, target: kube.SecretTarget, k8s_namespace: str
+    core: client.CoreV1Api, target: SecretTarget, k8s_namespace: str
 ) -> None:
     core.create_namespaced_secret(
         k8s_namespace, {"metadata": {"name": target.name}, "type": "kubernetes.io/tls"}
@@ -484,8 +494,8 @@ def test_deliver_refuses_non_opaque_secret(
 
 
 def test_deliver_into_missing_namespace(api: Any, k8s_namespace: str) -> None:
-    target = kube.SecretTarget(api_client=api, namespace=f"{k8s_namespace}-gone")
-    with pytest.raises(kube.KubernetesNotFoundError) as failure:
+    target = SecretTarget(api_client=api, namespace=f"{k8s_namespace}-gone")
+    with pytest.raises(KubernetesNotFoundError) as failure:
         target.deliver(make_delivery())
     assert f"namespace '{k8s_namespace}-gone' does not exist" in failure.value.message
     assert failure.value.fix
@@ -493,7 +503,7 @@ def test_deliver_into_missing_namespace(api: Any, k8s_namespace: str) -> None:
 
 
 def test_forbidden_names_the_rbac_rule_and_never_the_token(
-    k8s: KubeCluster, target: kube.SecretTarget
+    k8s: KubeCluster, target: SecretTarget
 ) -> None:
     target.deliver(make_delivery())
 
@@ -520,9 +530,7 @@ def test_forbidden_names_the_rbac_rule_and_never_the_token(
     assert error.__context__ is None
 
 
-def test_invalid_write_reports_fields_not_values(
-    k8s: KubeCluster, target: kube.SecretTarget
-) -> None:
+def test_invalid_write_reports_fields_not_values(k8s: KubeCluster, target: SecretTarget) -> None:
     def reject(request: kmock.Request) -> None:
         if request.method == kmock.method.POST:
             raise kmock.KubernetesError(
@@ -545,7 +553,7 @@ def test_invalid_write_reports_fields_not_values(
 def test_unreachable_api_server_is_a_kubernetes_error() -> None:
     configuration = client.Configuration(host=f"http://127.0.0.1:{free_port()}")
     configuration.retries = 0
-    target = kube.SecretTarget(api_client=client.ApiClient(configuration), namespace="default")
+    target = SecretTarget(api_client=client.ApiClient(configuration), namespace="default")
     with pytest.raises(KubernetesError) as failure:
         target.read_state()
     assert "cannot reach the Kubernetes API" in failure.value.message
@@ -565,7 +573,7 @@ def test_unreachable_api_server_is_a_kubernetes_error() -> None:
 )
 def test_secret_target_validates_settings(kwargs: dict[str, str], complaint: str) -> None:
     with pytest.raises(ConfigError, match=complaint):
-        kube.SecretTarget(api_client=None, **kwargs)  # type: ignore[arg-type]
+        SecretTarget(api_client=None, **kwargs)  # type: ignore[arg-type]
 
 
 # --- LeaseLock -------------------------------------------------------------------------
@@ -579,9 +587,9 @@ class FakeClock:
         return self.now
 
 
-def make_lock(api: Any, namespace: str, identity: str, **kwargs: Any) -> kube.LeaseLock:
+def make_lock(api: Any, namespace: str, identity: str, **kwargs: Any) -> LeaseLock:
     kwargs.setdefault("renew", False)
-    return kube.LeaseLock(api_client=api, namespace=namespace, identity=identity, **kwargs)
+    return LeaseLock(api_client=api, namespace=namespace, identity=identity, **kwargs)
 
 
 def lease(
@@ -599,11 +607,11 @@ def test_lock_acquire_and_release(k8s: KubeCluster, api: Any, k8s_namespace: str
         spec = lease(k8s, k8s_namespace)["spec"]
         assert spec["holderIdentity"] == "host-a-1-x"
         assert spec["leaseDurationSeconds"] == 45
-        # MicroTime, never on a whole second (see kube._micro_time)
+        # MicroTime, never on a whole second (see micro_time)
         assert parse_timestamp(spec["acquireTime"]) == NOW + MICROSECOND
         assert parse_timestamp(spec["renewTime"]) == NOW + MICROSECOND
         assert spec["leaseTransitions"] == 0
-        assert lock.read_holder() == kube.LeaseHolder(
+        assert lock.read_holder() == LeaseHolder(
             identity="host-a-1-x",
             acquired_at=NOW + MICROSECOND,
             renewed_at=NOW + MICROSECOND,
@@ -721,7 +729,7 @@ def test_lock_race_has_one_winner(api: Any, k8s_namespace: str) -> None:
 
 def test_lock_renews_in_the_background(k8s: KubeCluster, api: Any, k8s_namespace: str) -> None:
     clock = FakeClock()
-    lock = kube.LeaseLock(
+    lock = LeaseLock(
         api_client=api, namespace=k8s_namespace, identity="host-a-1-x", duration=1, clock=clock
     )
     renewed = threading.Event()
@@ -743,11 +751,11 @@ def test_lock_renews_in_the_background(k8s: KubeCluster, api: Any, k8s_namespace
 
 
 def test_lease_name_is_per_secret_and_bounded() -> None:
-    assert kube.lease_name_for("linuxguard-enroll") == "lg-rotate-linuxguard-enroll"
-    long_name = kube.lease_name_for("a" * 253)
+    assert lease_name_for("linuxguard-enroll") == "lg-rotate-linuxguard-enroll"
+    long_name = lease_name_for("a" * 253)
     assert len(long_name) <= 253
     assert long_name.startswith("lg-rotate-aaa")
-    assert long_name != kube.lease_name_for("a" * 252 + "b")
+    assert long_name != lease_name_for("a" * 252 + "b")
 
 
 # --- workloads -------------------------------------------------------------------------
@@ -772,21 +780,21 @@ def create_daemonset(api: Any, namespace: str, name: str, **status: Any) -> None
 def set_status(api: Any, namespace: str, name: str, status: dict[str, Any]) -> None:
     # raw JSON: client 37's models reject a partial status
     client.AppsV1Api(api).patch_namespaced_daemon_set_status(
-        name, namespace, {"status": status}, _content_type=kube.MERGE_PATCH, _preload_content=False
+        name, namespace, {"status": status}, _content_type=MERGE_PATCH, _preload_content=False
     )
 
 
 def test_restart_workload_sets_restarted_at(k8s: KubeCluster, api: Any, k8s_namespace: str) -> None:
     create_daemonset(api, k8s_namespace, "agent")
-    kube.restart_workload(api_client=api, namespace=k8s_namespace, kind="ds", name="agent", at=NOW)
+    restart_workload(api_client=api, namespace=k8s_namespace, kind="ds", name="agent", at=NOW)
     stored = k8s.get("apps/v1/daemonsets", k8s_namespace, "agent")
     assert stored is not None
     annotations = stored["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"kubectl.kubernetes.io/restartedAt": "2030-01-02T03:04:05Z"}
     assert stored["spec"]["template"]["metadata"]["labels"] == {"app": "agent"}
     assert stored["metadata"]["generation"] == 2
-    with pytest.raises(kube.KubernetesNotFoundError, match=r"DaemonSet .*/missing not found"):
-        kube.restart_workload(
+    with pytest.raises(KubernetesNotFoundError, match=r"DaemonSet .*/missing not found"):
+        restart_workload(
             api_client=api, namespace=k8s_namespace, kind="daemonset", name="missing", at=NOW
         )
 
@@ -804,9 +812,9 @@ def test_wait_for_rollout_times_out(api: Any, k8s_namespace: str) -> None:
             "numberAvailable": 2,
         },
     )
-    seen: list[kube.RolloutProgress] = []
+    seen: list[RolloutProgress] = []
     with pytest.raises(RolloutTimeoutError) as failure:
-        kube.wait_for_rollout(
+        wait_for_rollout(
             api_client=api,
             namespace=k8s_namespace,
             kind="daemonset",
@@ -823,7 +831,7 @@ def test_wait_for_rollout_times_out(api: Any, k8s_namespace: str) -> None:
 
 def test_wait_for_rollout_succeeds_when_status_catches_up(api: Any, k8s_namespace: str) -> None:
     create_daemonset(api, k8s_namespace, "agent")
-    kube.restart_workload(api_client=api, namespace=k8s_namespace, kind="ds", name="agent", at=NOW)
+    restart_workload(api_client=api, namespace=k8s_namespace, kind="ds", name="agent", at=NOW)
     set_status(  # the controller has not seen the restart (generation 2) yet
         api,
         k8s_namespace,
@@ -844,7 +852,7 @@ def test_wait_for_rollout_succeeds_when_status_catches_up(api: Any, k8s_namespac
     )
     controller_threads: list[threading.Thread] = []
 
-    def on_progress(progress: kube.RolloutProgress) -> None:
+    def on_progress(progress: RolloutProgress) -> None:
         seen.append(progress)
         step = next(steps, None)
         if step is not None:  # a "controller" thread moves the status on
@@ -852,8 +860,8 @@ def test_wait_for_rollout_succeeds_when_status_catches_up(api: Any, k8s_namespac
             controller_threads.append(thread)
             thread.start()
 
-    seen: list[kube.RolloutProgress] = []
-    final = kube.wait_for_rollout(
+    seen: list[RolloutProgress] = []
+    final = wait_for_rollout(
         api_client=api,
         namespace=k8s_namespace,
         kind="daemonset",
@@ -903,7 +911,7 @@ def test_wait_for_rollout_succeeds_when_status_catches_up(api: Any, k8s_namespac
     ],
 )
 def test_deployment_rollout_rules(obj: dict[str, Any], done: bool) -> None:
-    assert kube._rollout_progress("deployment", "ns", "d", obj).done is done
+    assert rollout_progress("deployment", "ns", "d", obj).done is done
 
 
 def test_statefulset_rollout_rules() -> None:
@@ -911,11 +919,11 @@ def test_statefulset_rollout_rules() -> None:
     base = {"metadata": {"generation": 1}, "spec": {"replicas": 2}}
     pending = {**base, "status": {**status, "currentRevision": "a", "updateRevision": "b"}}
     complete = {**base, "status": {**status, "currentRevision": "b", "updateRevision": "b"}}
-    assert not kube._rollout_progress("statefulset", "ns", "s", pending).done
-    assert kube._rollout_progress("statefulset", "ns", "s", complete).done
+    assert not rollout_progress("statefulset", "ns", "s", pending).done
+    assert rollout_progress("statefulset", "ns", "s", complete).done
     on_delete = {**complete, "spec": {"replicas": 2, "updateStrategy": {"type": "OnDelete"}}}
     with pytest.raises(KubernetesError, match="OnDelete"):
-        kube._rollout_progress("statefulset", "ns", "s", on_delete)
+        rollout_progress("statefulset", "ns", "s", on_delete)
 
 
 def test_deployment_progress_deadline_fails_fast() -> None:
@@ -924,7 +932,7 @@ def test_deployment_progress_deadline_fails_fast() -> None:
         "status": {"conditions": [{"type": "Progressing", "reason": "ProgressDeadlineExceeded"}]},
     }
     with pytest.raises(KubernetesError, match="progress deadline"):
-        kube._rollout_progress("deployment", "ns", "d", obj)
+        rollout_progress("deployment", "ns", "d", obj)
 
 
 @pytest.mark.parametrize(
@@ -939,13 +947,13 @@ def test_deployment_progress_deadline_fails_fast() -> None:
     ],
 )
 def test_parse_workload_ref(ref: str, expected: tuple[str, str]) -> None:
-    assert kube.parse_workload_ref(ref) == expected
+    assert parse_workload_ref(ref) == expected
 
 
 @pytest.mark.parametrize("ref", ["agent", "pod/agent", "ds/", "ds/Agent", "/agent", "ds/a/b"])
 def test_parse_workload_ref_rejects(ref: str) -> None:
     with pytest.raises(ConfigError):
-        kube.parse_workload_ref(ref)
+        parse_workload_ref(ref)
 
 
 # --- events ----------------------------------------------------------------------------
@@ -965,12 +973,12 @@ def events_in(k8s: KubeCluster, namespace: str) -> list[dict[str, Any]]:
 
 
 def test_record_event_on_the_secret(
-    k8s: KubeCluster, api: Any, target: kube.SecretTarget, k8s_namespace: str
+    k8s: KubeCluster, api: Any, target: SecretTarget, k8s_namespace: str
 ) -> None:
     delivery = make_delivery()
     target.deliver(delivery)
     token = delivery.record.token.value.reveal()
-    assert kube.record_event(
+    assert record_event(
         api_client=api,
         namespace=k8s_namespace,
         secret_name=target.name,
@@ -1003,7 +1011,7 @@ def test_record_event_failure_is_swallowed(
     api: Any, k8s_namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="lg_rotate.kube"):
-        recorded = kube.record_event(
+        recorded = record_event(
             api_client=api,
             namespace=f"{k8s_namespace}-gone",
             secret_name="linuxguard-enroll",
@@ -1028,7 +1036,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_connect_with_kubeconfig(k8s: KubeCluster, clean_env: Path) -> None:
     path = k8s.write_kubeconfig(clean_env / "config")
-    api_client = kube.connect(kubeconfig=str(path), context="test")
+    api_client = connect(kubeconfig=str(path), context="test")
     try:
         assert api_client.configuration.host == k8s.url
         assert client.CoreV1Api(api_client).read_namespace("default").metadata.name == "default"
@@ -1041,7 +1049,7 @@ def test_connect_with_kubeconfig_env_beats_in_cluster(
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(k8s.write_kubeconfig(clean_env / "config")))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    api_client = kube.connect(kubeconfig=None, context=None)
+    api_client = connect(kubeconfig=None, context=None)
     try:
         assert api_client.configuration.host == k8s.url
     finally:
@@ -1051,15 +1059,15 @@ def test_connect_with_kubeconfig_env_beats_in_cluster(
 def test_connect_unknown_context(k8s: KubeCluster, clean_env: Path) -> None:
     path = k8s.write_kubeconfig(clean_env / "config")
     with pytest.raises(ConfigError, match=r"has no context 'prod' \(it has: test\)"):
-        kube.connect(kubeconfig=str(path), context="prod")
+        connect(kubeconfig=str(path), context="prod")
 
 
 def test_connect_missing_kubeconfig(clean_env: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist") as failure:
-        kube.connect(kubeconfig=str(clean_env / "nope"), context=None)
+        connect(kubeconfig=str(clean_env / "nope"), context=None)
     assert failure.value.exit_code == ExitCode.CONFIG
     with pytest.raises(ConfigError, match="no Kubernetes configuration found"):
-        kube.connect(kubeconfig=None, context=None)
+        connect(kubeconfig=None, context=None)
 
 
 def test_connect_in_cluster_without_service_account(
@@ -1068,7 +1076,7 @@ def test_connect_in_cluster_without_service_account(
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     with pytest.raises(ConfigError, match="in-cluster") as failure:
-        kube.connect(kubeconfig=None, context=None)
+        connect(kubeconfig=None, context=None)
     assert failure.value.fix
     assert "ServiceAccount" in failure.value.fix
 
@@ -1078,7 +1086,7 @@ def test_connect_in_cluster_without_service_account(
 
 def test_import_does_not_load_the_kubernetes_client() -> None:
     code = (
-        "import sys, rotator.kube; "
+        "import sys, rotator.kube.secret, rotator.kube.lease, rotator.kube.controller; "
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('kubernetes', 'urllib3')); "
         "print(loaded); sys.exit(1 if loaded else 0)"
     )

@@ -271,11 +271,11 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
 
 def test_rbac_names_match_the_code() -> None:
     """The lease names lg-rotate computes are the ones the Roles grant."""
-    from rotator.kube import lease_name_for
+    from rotator.kube.lease import lease_name_for
 
     assert lease_name_for(SECRET) == LEASE
     # rotator.controller (watch mode) is written alongside; once it is in, this binds too.
-    controller = pytest.importorskip("rotator.controller")
+    controller = pytest.importorskip("rotator.kube.controller")
     assert controller.controller_lease_name(SECRET) == CONTROLLER_LEASE
 
 

@@ -15,10 +15,11 @@ from fixtures.kube import KubeCluster
 from podsim import PodSim, trim_kubesim_history
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import ConfigError, ExitCode, RolloutTimeoutError
-from rotator.kube import LeaseLock, SecretTarget
+from rotator.kube.lease import LeaseLock
+from rotator.kube.roll import ROLL_STATE_ANNOTATION, RollInterruptedError, RollProgress, roll
+from rotator.kube.secret import SecretTarget
 from rotator.linuxguard import LinuxGuardClient
 from rotator.retrying import RetryPolicy
-from rotator.roll import ROLL_STATE_ANNOTATION, RollInterruptedError, RollProgress, roll
 from rotator.rotation import Rotator
 from rotator.sandbox import ENROLL_PATH, SandboxServer
 from rotator.tokens import Secret

@@ -28,7 +28,7 @@ import pytest
 
 from fixtures.kube import KubeCluster
 from podsim import PodSim, make_controller, trim_kubesim_history
-from rotator.controller import Controller
+from rotator.kube.controller import Controller
 from rotator.sandbox import SandboxServer
 
 pytestmark = pytest.mark.slow

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from rotator.controller import PodApi, container_instances, pod_is_ready
 from rotator.errors import (
     ConfigError,
     ExitCode,
@@ -52,7 +51,8 @@ from rotator.errors import (
     LockError,
     RolloutTimeoutError,
 )
-from rotator.kube import parse_workload_ref
+from rotator.kube.pods import PodApi, container_instances, pod_is_ready
+from rotator.kube.workloads import parse_workload_ref
 from rotator.rotation import RotationReport, Rotator
 from rotator.tokens import format_timestamp, parse_timestamp, utcnow
 

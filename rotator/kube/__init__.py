@@ -1,0 +1,19 @@
+"""Everything lg-rotate does with the Kubernetes API, one job per module.
+
+========================  ==============================================================
+``api``                   connecting (kubeconfig, in-cluster), one API call as plain JSON,
+                          its errors with RBAC hints, name checks
+``secret``                the shared Secret target (create / merge patch with
+                          resourceVersion, annotations)
+``lease``                 the rotation lock (a Lease per Secret)
+``workloads``             ``kind/NAME`` references, restarts, following a rollout
+``events``                Events on the Secret
+``pods``                  agent pods: container starts, readiness, pod and workload calls
+``collisions``            which token each start may have read; who collided
+``controller``            ``lg-rotate watch``: a rotation after every start, leader election
+``roll``                  ``lg-rotate roll``: rotate, delete one pod, wait Ready, resumable
+========================  ==============================================================
+
+The official ``kubernetes`` client is imported only inside the functions that call it, so
+importing any of these modules is cheap.
+"""

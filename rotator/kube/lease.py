@@ -1,0 +1,428 @@
+"""The rotation lock: one ``coordination.k8s.io/v1`` Lease per Secret."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from rotator.errors import (
+    ConfigError,
+    LgRotateError,
+    LockError,
+)
+from rotator.kube.api import (
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SECRET_NAME,
+    FIELD_MANAGER,
+    MANAGED_BY_LABEL,
+    MAX_CONFLICTS,
+    MERGE_PATCH,
+    ApiOp,
+    KubernetesConflictError,
+    KubernetesNotFoundError,
+    api_request,
+    check_name,
+    micro_time,
+    optional_timestamp,
+)
+from rotator.tokens import (
+    format_timestamp,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+logger = logging.getLogger("lg_rotate.kube")
+
+LEASE_PREFIX = "lg-rotate-"
+DEFAULT_LEASE_DURATION = 60.0
+
+
+# --- the Lease lock --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseHolder:
+    """Who holds a Lease, as read from it."""
+
+    identity: str
+    acquired_at: datetime | None
+    renewed_at: datetime | None
+    duration: timedelta
+
+    @property
+    def expires_at(self) -> datetime:
+        """When the lock lapses unless renewed (``renewTime + leaseDurationSeconds``)."""
+        base = self.renewed_at or self.acquired_at or datetime.min.replace(tzinfo=UTC)
+        return base + self.duration
+
+
+def default_identity() -> str:
+    """``<hostname>-<pid>-<random>``: unique per process, readable in ``kubectl get lease``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def lease_name_for(secret_name: str) -> str:
+    """``lg-rotate-<secret>``, shortened with a hash suffix if it would exceed 253 chars."""
+    name = LEASE_PREFIX + secret_name
+    if len(name) <= 253:
+        return name
+    digest = uuid.uuid5(uuid.NAMESPACE_DNS, secret_name).hex[:10]
+    return f"{name[: 253 - 11].rstrip('.-')}-{digest}"
+
+
+class LeaseLock:
+    """A lock per Secret, so two rotations never deliver to the same Secret at once.
+
+    **What it is.** A ``coordination.k8s.io/v1`` Lease named ``lg-rotate-<secret name>``
+    in the Secret's namespace (``kubectl get lease -n NS lg-rotate-linuxguard-enroll``).
+    Its ``spec.holderIdentity`` names the holder (``<hostname>-<pid>-<random>``: in a
+    CronJob pod, the pod name), ``spec.renewTime`` says when the holder last proved it is
+    alive, ``spec.leaseDurationSeconds`` (default 60) how long that proof lasts, and
+    ``spec.acquireTime`` / ``spec.leaseTransitions`` when it changed hands and how often.
+
+    **Acquiring.** lg-rotate reads the Lease. If it does not exist, lg-rotate creates it
+    holding itself (a concurrent creator makes one of the two get 409 and re-read). If it
+    exists and is free (no holder), expired (``renewTime + leaseDurationSeconds`` is in
+    the past) or already ours, lg-rotate patches itself in, carrying the
+    ``resourceVersion`` it read: the API server answers 409 if anyone else changed the
+    Lease meanwhile, and lg-rotate re-reads instead of overwriting. Otherwise the lock is
+    held by a live holder: lg-rotate fails with exit code 7 (LockError) naming the holder
+    and when its lock expires, or, with ``wait`` (``--lock-wait SECONDS``), polls until the
+    holder releases it, it expires, or the wait runs out.
+
+    **Holding.** While the lock is held, a background thread renews it every third of its
+    duration (``renewTime`` = now), so long operations (a rollout wait) keep it. If a
+    renewal finds someone else holding the Lease, the lock is *lost*: this is logged as an
+    error and :meth:`ensure_held` raises LockError from then on.
+
+    **Releasing.** On leaving the ``with lock.hold():`` block, normally or by an exception,
+    lg-rotate clears ``holderIdentity`` (only if it still holds the Lease), so the next
+    rotation need not wait for the expiry. The Lease object itself stays. If lg-rotate
+    dies without releasing (SIGKILL, node loss), the lock expires ``leaseDurationSeconds``
+    after its last renewal and the next rotation takes it over.
+
+    **Caveat.** Expiry is judged with the local clock against the holder's ``renewTime``:
+    keep node clocks in sync (NTP), as for any Kubernetes lease.
+
+    RBAC: ``get``, ``create`` and ``patch`` on ``leases`` (``coordination.k8s.io``) in the
+    Secret's namespace (``patch`` may be scoped with ``resourceNames``).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_client: ApiClient,
+        namespace: str,
+        secret_name: str = DEFAULT_SECRET_NAME,
+        duration: float = DEFAULT_LEASE_DURATION,
+        wait: float = 0.0,
+        poll_interval: float = 1.0,
+        identity: str | None = None,
+        renew: bool = True,
+        clock: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        if duration < 1:
+            raise ConfigError(
+                f"the lock duration must be at least 1 second, not {duration:g}",
+                fix="pass --lock-duration SECONDS (default 60)",
+            )
+        if wait < 0:
+            raise ConfigError(f"the lock wait cannot be negative ({wait:g})", fix="pass 0 or more")
+        self.api_client = api_client
+        self.namespace = check_name(namespace, what="the namespace", label=True)
+        self.secret_name = check_name(secret_name, what="the Secret name")
+        self.name = lease_name_for(secret_name)
+        self.duration_seconds = max(1, round(duration))
+        self.wait = wait
+        self.poll_interval = max(poll_interval, 0.01)
+        self.identity = identity or default_identity()
+        self.renew_in_background = renew
+        self.clock = clock
+        self.sleep = sleep
+        self.request_timeout = request_timeout
+        self._lost = threading.Event()
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"LeaseLock({self.namespace}/{self.name}, identity={self.identity!r})"
+
+    # --- API plumbing ---
+
+    def _op(self, verb: str) -> ApiOp:
+        return ApiOp(
+            verb=verb,
+            kind="Lease",
+            resource="leases",
+            group="coordination.k8s.io",
+            namespace=self.namespace,
+            name=None if verb == "create" else self.name,
+            writes=False,
+        )
+
+    def _api(self) -> Any:
+        from kubernetes import client
+
+        return client.CoordinationV1Api(self.api_client)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            lease: dict[str, Any] = api_request(
+                self.api_client,
+                self._op("get"),
+                self._api().read_namespaced_lease,
+                name=self.name,
+                namespace=self.namespace,
+                _request_timeout=self.request_timeout,
+            )
+        except KubernetesNotFoundError:
+            return None
+        return lease
+
+    def _patch(self, lease: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+        version = (lease.get("metadata") or {}).get("resourceVersion")
+        body: dict[str, Any] = {"spec": dict(spec)}
+        if version:
+            body["metadata"] = {"resourceVersion": version}
+        result: dict[str, Any] = api_request(
+            self.api_client,
+            self._op("patch"),
+            self._api().patch_namespaced_lease,
+            name=self.name,
+            namespace=self.namespace,
+            body=body,
+            field_manager=FIELD_MANAGER,
+            _content_type=MERGE_PATCH,
+            _request_timeout=self.request_timeout,
+        )
+        return result
+
+    def _holder(self, lease: Mapping[str, Any]) -> LeaseHolder | None:
+        spec = lease.get("spec") or {}
+        identity = spec.get("holderIdentity")
+        if not identity:
+            return None
+        seconds = spec.get("leaseDurationSeconds") or self.duration_seconds
+        return LeaseHolder(
+            identity=str(identity),
+            acquired_at=optional_timestamp(spec.get("acquireTime"), what="Lease acquireTime"),
+            renewed_at=optional_timestamp(spec.get("renewTime"), what="Lease renewTime"),
+            duration=timedelta(seconds=int(seconds)),
+        )
+
+    # --- public ---
+
+    def read_holder(self) -> LeaseHolder | None:
+        """The current holder (live or expired), or None if the lock is free or absent."""
+        lease = self._read()
+        return None if lease is None else self._holder(lease)
+
+    @property
+    def lost(self) -> bool:
+        """True once a renewal found that someone else took the Lease over."""
+        return self._lost.is_set()
+
+    def ensure_held(self) -> None:
+        """Raise LockError if the lock was lost while held (call before irreversible steps)."""
+        if self._lost.is_set():
+            raise LockError(
+                f"lost the lock on Secret {self.namespace}/{self.secret_name}: Lease "
+                f"{self.namespace}/{self.name} was taken over",
+                fix="a renewal was missed for longer than --lock-duration; raise it, or check "
+                "the API server's latency",
+            )
+
+    def try_acquire(self) -> LeaseHolder | None:
+        """One attempt: None when the lock is ours now, else the live holder."""
+        for _ in range(MAX_CONFLICTS):
+            lease = self._read()
+            now = self.clock()
+            spec = {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": self.duration_seconds,
+                "acquireTime": micro_time(now),
+                "renewTime": micro_time(now),
+            }
+            if lease is None:
+                body = {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {
+                        "name": self.name,
+                        "namespace": self.namespace,
+                        "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+                    },
+                    "spec": {**spec, "leaseTransitions": 0},
+                }
+                try:
+                    api_request(
+                        self.api_client,
+                        self._op("create"),
+                        self._api().create_namespaced_lease,
+                        namespace=self.namespace,
+                        body=body,
+                        field_manager=FIELD_MANAGER,
+                        _request_timeout=self.request_timeout,
+                    )
+                except KubernetesConflictError:
+                    continue  # created by someone else meanwhile: look at it
+                return None
+            holder = self._holder(lease)
+            if holder is not None and holder.identity != self.identity and holder.expires_at >= now:
+                return holder
+            transitions = int((lease.get("spec") or {}).get("leaseTransitions") or 0)
+            if holder is None or holder.identity != self.identity:
+                transitions += 1
+            try:
+                self._patch(lease, {**spec, "leaseTransitions": transitions})
+            except (KubernetesConflictError, KubernetesNotFoundError):
+                continue  # changed or deleted meanwhile: look again
+            if holder is not None and holder.identity != self.identity:
+                logger.warning(
+                    "took over the expired lock Lease %s/%s from %s (expired %s)",
+                    self.namespace,
+                    self.name,
+                    holder.identity,
+                    format_timestamp(holder.expires_at),
+                )
+            return None
+        raise LockError(
+            f"Lease {self.namespace}/{self.name} kept changing while lg-rotate tried to take it",
+            fix="several rotations are starting at once; retry, or pass --lock-wait SECONDS",
+        )
+
+    def acquire(self) -> None:
+        """Take the lock, waiting up to ``wait`` seconds for a live holder; else LockError."""
+        deadline = self.clock() + timedelta(seconds=self.wait)
+        while True:
+            holder = self.try_acquire()
+            if holder is None:
+                self._lost.clear()
+                logger.info(
+                    "holding lock Lease %s/%s as %s", self.namespace, self.name, self.identity
+                )
+                return
+            now = self.clock()
+            if now >= deadline:
+                waited = f" after waiting {self.wait:g}s" if self.wait else ""
+                raise LockError(
+                    f"Secret {self.namespace}/{self.secret_name} is locked by {holder.identity}"
+                    f"{waited} (Lease {self.namespace}/{self.name}, expires "
+                    f"{format_timestamp(holder.expires_at)} unless renewed)",
+                    fix="another rotation is running: let it finish, or pass --lock-wait SECONDS; "
+                    "a crashed holder's lock lapses by itself at that time",
+                )
+            remaining = (deadline - now).total_seconds()
+            until_expiry = max((holder.expires_at - now).total_seconds(), 0.0)
+            logger.info(
+                "lock Lease %s/%s is held by %s; waiting (up to %.0fs more)",
+                self.namespace,
+                self.name,
+                holder.identity,
+                remaining,
+            )
+            self.sleep(max(min(self.poll_interval, remaining, until_expiry + 0.01), 0.0))
+
+    def renew(self) -> None:
+        """Refresh ``renewTime``; LockError if someone else holds the Lease now."""
+        for _ in range(MAX_CONFLICTS):
+            lease = self._read()
+            holder = None if lease is None else self._holder(lease)
+            if lease is None or holder is None or holder.identity != self.identity:
+                self._lost.set()
+                other = holder.identity if holder else "nobody"
+                raise LockError(
+                    f"lost the lock Lease {self.namespace}/{self.name}: it is now held by {other}",
+                    fix="a renewal was missed for longer than --lock-duration; raise it",
+                )
+            try:
+                self._patch(lease, {"renewTime": micro_time(self.clock())})
+            except KubernetesConflictError:
+                continue
+            return
+        raise LockError(
+            f"Lease {self.namespace}/{self.name} kept changing while lg-rotate renewed it",
+            fix="another process is writing this Lease; check for a second lg-rotate",
+        )
+
+    def release(self) -> bool:
+        """Clear the holder if it is still us; True if released. The Lease object stays."""
+        for _ in range(MAX_CONFLICTS):
+            lease = self._read()
+            holder = None if lease is None else self._holder(lease)
+            if lease is None or holder is None or holder.identity != self.identity:
+                logger.warning(
+                    "not releasing lock Lease %s/%s: it is held by %s, not by us",
+                    self.namespace,
+                    self.name,
+                    holder.identity if holder else "nobody",
+                )
+                return False
+            try:
+                self._patch(lease, {"holderIdentity": None, "renewTime": micro_time(self.clock())})
+            except KubernetesConflictError:
+                continue
+            logger.info("released lock Lease %s/%s", self.namespace, self.name)
+            return True
+        logger.warning(
+            "could not release lock Lease %s/%s: it kept changing", self.namespace, self.name
+        )
+        return False
+
+    def _renew_forever(self) -> None:
+        interval = self.duration_seconds / 3
+        while not self._stop_renewing.wait(interval):
+            try:
+                self.renew()
+            except LockError as exc:
+                logger.error("%s", exc.one_line())
+                return
+            except LgRotateError as exc:  # transient: the next renewal may work
+                logger.warning(
+                    "could not renew lock Lease %s/%s: %s",
+                    self.namespace,
+                    self.name,
+                    exc.one_line(),
+                )
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the lock for the ``with`` block (renewed in the background); always release."""
+        self.acquire()
+        if self.renew_in_background:
+            self._stop_renewing.clear()
+            self._renewer = threading.Thread(
+                target=self._renew_forever, name=f"lease-renew-{self.name}", daemon=True
+            )
+            self._renewer.start()
+        try:
+            yield
+        finally:
+            self._stop_renewing.set()
+            if self._renewer is not None:
+                self._renewer.join(timeout=self.request_timeout + 5)
+                self._renewer = None
+            try:
+                self.release()
+            except LgRotateError as exc:
+                logger.warning(
+                    "could not release lock Lease %s/%s (it lapses by itself in %ds): %s",
+                    self.namespace,
+                    self.name,
+                    self.duration_seconds,
+                    exc.one_line(),
+                )
