@@ -256,6 +256,7 @@ class AwsProvider:
             name="aws-profile",
             help="AWS profile for credentials and region (credentials never come from flags)",
             env=("AWS_PROFILE",),
+            secret=True,
         ),
         ProviderOption(
             name="aws-kms-key-id",
@@ -441,6 +442,15 @@ class AwsProvider:
                 RemoveFromVersionId=version,
             )
         log.debug("promoted version %s of %s to AWSCURRENT", version, where)
+
+    def check(self, *, tenant: str) -> None:
+        """Before a mint: Secrets Manager answers DescribeSecret for the tenant's secret with
+        these credentials (a missing secret is fine, the first write creates it; one
+        scheduled for deletion is refused). Write permission cannot be proven without IAM
+        rights of its own, so a policy without PutSecretValue still fails at the write."""
+        self._version_stages(
+            name=self.secret_name(tenant=tenant), where=self.location(tenant=tenant)
+        )
 
     def read(self, *, tenant: str, stage: Stage) -> StoredRecord | None:
         name = self.secret_name(tenant=tenant)

@@ -41,6 +41,11 @@ class ProviderOption:
 
     ``env`` lists the store's own conventional variables (``VAULT_ADDR`` ...), which
     are honoured after the ``LG_ROTATE_*`` one. Values reach providers as strings.
+
+    ``secret`` marks an option whose value is, or leads to, the store credential (a token
+    file, an AppRole role ID, the profile that picks the credentials): ``lg-rotate exec``
+    never hands its variables (``LG_ROTATE_<NAME>`` and ``env``) to the command it starts,
+    unless asked with ``--pass-env``. Credentials themselves are never options.
     """
 
     name: str  # flag spelling without the leading dashes, e.g. "vault-mount"
@@ -48,6 +53,12 @@ class ProviderOption:
     default: str | None = None
     env: tuple[str, ...] = ()
     required: bool = False
+    secret: bool = False
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """Every variable the option is read from: ``LG_ROTATE_<NAME>``, then ``env``."""
+        return (f"LG_ROTATE_{self.key.upper()}", *self.env)
 
     @property
     def key(self) -> str:
@@ -96,12 +107,32 @@ class Provider(Protocol):
         """The record at ``stage``, or ``None`` when the store has none (never an error)."""
         ...
 
+    # Optional (not part of the runtime check, so older plugins still conform):
+    # ``check(self, *, tenant: str) -> None`` proves the store reachable and usable for
+    # ``tenant`` before a token is minted; see :func:`check_store`.
+
     def prune(self, *, tenant: str, keep: int) -> int:
         """Retire versions beyond the newest ``keep``, never current or pending.
 
         Returns how many versions were disabled/destroyed/deleted.
         """
         ...
+
+
+def check_store(provider: Provider, *, tenant: str) -> None:
+    """Prove the store reachable and usable for ``tenant`` before a token is minted.
+
+    Calls the provider's optional ``check(*, tenant)`` (the built-ins have one: a cheap
+    call proving reachability, authentication and, where the store can tell without a
+    write, permission); a provider without one (a plugin written before it existed) is
+    checked by reading its current record. Raises the provider's errors (``StoreError``,
+    ``ConfigError``); a missing record is not an error.
+    """
+    check = getattr(provider, "check", None)
+    if callable(check):
+        check(tenant=tenant)
+    else:
+        provider.read(tenant=tenant, stage=Stage.CURRENT)
 
 
 class ProviderFactory(Protocol):

@@ -823,6 +823,16 @@ class GcpProvider:
         self._update_aliases(name=name, secret=secret, change=make_current)
         log.info("promoted version %d of %s to current", number, name)
 
+    def check(self, *, tenant: str) -> None:
+        """Before a mint: Secret Manager answers GetSecret for the tenant's secret with these
+        credentials (a missing secret is fine: the first write creates it)."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            self._get_secret(self.secret_name(tenant=tenant))
+        except gexc.NotFound:
+            return
+
     def read(self, *, tenant: str, stage: Stage) -> StoredRecord | None:
         name = self.secret_name(tenant=tenant)
         return self._access(

@@ -95,6 +95,9 @@ class MemoryProvider:
             if history.pending is not None and history.pending <= number:
                 history.pending = None
 
+    def check(self, *, tenant: str) -> None:
+        """Nothing to reach: the store lives in this process."""
+
     def read(self, *, tenant: str, stage: Stage) -> StoredRecord | None:
         with self._store.lock:
             history = self._store.tenants.get(tenant)

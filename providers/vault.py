@@ -232,11 +232,13 @@ class VaultProvider:
         ProviderOption(
             name="vault-token-file",
             help="file holding the Vault token (token auth; else VAULT_TOKEN is used)",
+            secret=True,
         ),
-        ProviderOption(name="vault-role-id", help="AppRole role ID (approle auth)"),
+        ProviderOption(name="vault-role-id", help="AppRole role ID (approle auth)", secret=True),
         ProviderOption(
             name="vault-secret-id-file",
             help="file holding the AppRole secret ID (else VAULT_SECRET_ID is used)",
+            secret=True,
         ),
         ProviderOption(
             name="vault-auth-mount",
@@ -247,6 +249,7 @@ class VaultProvider:
             name="vault-jwt-file",
             help="service-account token for kubernetes auth",
             default=DEFAULT_JWT_FILE,
+            secret=True,
         ),
     )
 
@@ -401,6 +404,47 @@ class VaultProvider:
 
         self._update_pointers(path, plan, where=where)
         logger.info("promoted version %s to current at %s", number, where)
+
+    def check(self, *, tenant: str) -> None:
+        """Before a mint: Vault is reachable, the login works, the mount is KV v2 and the
+        secret's metadata is readable; then the token's write capabilities on the data and
+        metadata paths, as ``sys/capabilities-self`` reports them (nothing is written).
+
+        A token that may not ask ``sys/capabilities-self`` (no ``default`` policy) skips
+        that second part: the writes themselves will tell.
+        """
+        path = self._path(tenant)
+        meta = self._metadata(path)
+        needed = {
+            f"{self.mount}/data/{path}": ("update" if meta.exists else "create", "read"),
+            f"{self.mount}/metadata/{path}": ("read", "update"),
+        }
+        client = self._client()
+        try:
+            answer = self._retrying(
+                lambda: client.adapter.post(
+                    "/v1/sys/capabilities-self", json={"paths": list(needed)}
+                )
+            )
+        except Exception as exc:  # an optional check: it never fails the run itself
+            logger.debug("cannot ask Vault for this token's capabilities (%s)", type(exc).__name__)
+            return
+        granted = answer.get("data") if isinstance(answer, Mapping) else None
+        if not isinstance(granted, Mapping):
+            granted = answer if isinstance(answer, Mapping) else {}
+        missing = [
+            f"{capability} on {where}"
+            for where, capabilities in needed.items()
+            for capability in capabilities
+            if "root" not in (granted.get(where) or ())
+            and capability not in (granted.get(where) or ())
+        ]
+        if missing:
+            raise StorePermissionError(
+                f"Vault's policies for this token do not allow {', '.join(missing)} "
+                f"(checked before minting; nothing was written to {self.location(tenant=tenant)})",
+                fix=self._policy_fix(path),
+            )
 
     def read(self, *, tenant: str, stage: Stage) -> StoredRecord | None:
         path = self._path(tenant)

@@ -8,6 +8,7 @@ import boto3, the GCP client or (with ``--target none``) the Kubernetes client.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from rotator.linuxguard import LinuxGuardClient
 
 BUILTIN_WITH_OPTIONS = ("vault", "aws", "gcp")
+API_KEY_ENV = "LINUXGUARD_API_KEY"
 
 
 def builtin_provider_options() -> list[ProviderOption]:
@@ -36,6 +38,16 @@ def builtin_provider_options() -> list[ProviderOption]:
         except ConfigError:  # a provider module that cannot load still must not break --help
             continue
     return options
+
+
+def secret_option_env(provider_name: str | None) -> frozenset[str]:
+    """The variables of provider options marked ``secret`` (built-ins and ``provider_name``):
+    ``exec`` withholds them from its command (see ``launch.CREDENTIAL_ENV``)."""
+    options = builtin_provider_options()
+    if provider_name and provider_name not in BUILTIN_WITH_OPTIONS:
+        with contextlib.suppress(ConfigError):  # it fails later, with its own message
+            options.extend(registry.load(provider_name).options)
+    return frozenset(name for option in options if option.secret for name in option.env_names)
 
 
 def option_settings(options: list[ProviderOption]) -> list[config.Setting]:
@@ -61,14 +73,21 @@ class ApiKeyVault:
     """Holds the LinuxGuard API key taken out of the environment at startup.
 
     ``main`` calls :meth:`capture` first thing, so the key leaves ``os.environ`` (and
-    with it /proc/self/environ of any child we start) before anything else runs.
+    with it the environment of any child we start) before anything else runs, and its
+    bytes are erased from the exec-time block that ``/proc/<pid>/environ`` shows
+    (:mod:`rotator.environ`).
     """
 
     from_env: Secret | None = None
 
     def capture(self, env: os._Environ[str] | dict[str, str] | None = None) -> None:
+        real = env is None or env is os.environ
         env = os.environ if env is None else env
-        value = env.pop("LINUXGUARD_API_KEY", None)
+        value = env.pop(API_KEY_ENV, None)
+        if real:
+            from rotator.environ import scrub_exec_environ
+
+            scrub_exec_environ([API_KEY_ENV])
         if value is not None and value.strip():
             self.from_env = Secret(value.strip())
 
@@ -143,6 +162,7 @@ def build_kube(resolved: config.Resolved) -> KubeParts | None:
         name=resolved.secret,
         token_key=resolved.token_key,
         tenant_key=resolved.tenant_key,
+        events=True,  # a Rotated Event on the Secret per delivery (watch records its own)
     )
     lock = LeaseLock(
         api_client=api_client,

@@ -387,9 +387,14 @@ def load_api_key(
 
     The environment variable is removed from ``env`` once read (and also when the
     file wins), so that processes lg-rotate starts never inherit the key; with the
-    default ``os.environ`` this unsets it in the real process environment too.
+    default ``os.environ`` this unsets it in the real process environment too, and erases
+    it from the exec-time block ``/proc/<pid>/environ`` shows (:mod:`rotator.environ`).
     """
     from_env = env.pop(API_KEY_ENV, None)
+    if env is os.environ:
+        from rotator.environ import scrub_exec_environ
+
+        scrub_exec_environ([API_KEY_ENV])
     if api_key_file is not None:
         try:
             with open(api_key_file, encoding="utf-8") as handle:

@@ -1,6 +1,12 @@
 """The rotation protocol (DESIGN.md §4), written once on top of the provider primitives.
 
-    lock -> resume or mint -> write pending -> deliver -> promote -> prune -> report
+    lock -> resume, or preflight + mint -> write pending -> deliver -> promote -> prune -> report
+
+Before minting, :meth:`Rotator.preflight` checks everything checkable without a token:
+the store answers and accepts this identity (``providers.base.check_store``), and the
+target would accept the write (``Target.preflight``: for the Secret, a server-side dry
+run). A run that would fail after minting fails before it instead, with the same error
+and exit code, and nothing minted, stored or delivered.
 
 Crash safety comes from the order and from what each step leaves behind:
 
@@ -27,7 +33,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
-from providers.base import DEFAULT_KEEP_VERSIONS, Provider, Stage, StoredRecord
+from providers.base import DEFAULT_KEEP_VERSIONS, Provider, Stage, StoredRecord, check_store
 from rotator.errors import LgRotateError, TokenError
 from rotator.targets import Delivery, Lock, NoLock, Target, TargetState
 from rotator.tokens import EnrollToken, utcnow
@@ -142,6 +148,8 @@ class Rotator:
             state = self.target.read_state() if self.target else None
             pending = self._usable_pending() if resume else None
             if dry_run:
+                if pending is None:
+                    self.preflight()  # a dry run answers "would a real run succeed?"
                 return self._dry_run_report(pending=pending, state=state, started=started)
             if pending is not None:
                 record, action = pending, Action.RESUMED
@@ -152,6 +160,7 @@ class Rotator:
                     record.token.short_fingerprint,
                 )
             else:
+                self.preflight()  # a run that would fail after minting fails before it
                 record, action = self._mint_and_store(), Action.MINTED
             delivered_state = state
             if self.target is not None:
@@ -170,6 +179,13 @@ class Rotator:
             started=started,
             pruned=pruned,
         )
+
+    def preflight(self) -> None:
+        """Check the store and the target before a token exists (raises their errors)."""
+        check_store(self.provider, tenant=self.tenant)
+        if self.target is not None:
+            self.target.preflight()
+        log.debug("preflight passed: %s", self.provider.location(tenant=self.tenant))
 
     # --- steps --------------------------------------------------------------------------
 

@@ -46,6 +46,15 @@ class Target(Protocol):
         """The current state, or ``None`` when the target does not exist yet."""
         ...
 
+    def preflight(self) -> None:
+        """Prove, before a token is minted, that :meth:`deliver` would be allowed.
+
+        Checks everything checkable without writing or exposing a token (the place
+        exists, the permissions and policies allow the write); raises the error
+        :meth:`deliver` would raise. A target with nothing to check does nothing.
+        """
+        ...
+
     def deliver(self, delivery: Delivery) -> TargetState:
         """Put the token in place (create or update, optimistic concurrency)."""
         ...
@@ -79,6 +88,9 @@ class MemoryTarget:
 
     def read_state(self) -> TargetState | None:
         return self.state
+
+    def preflight(self) -> None:
+        """Nothing can refuse an in-process delivery."""
 
     def deliver(self, delivery: Delivery) -> TargetState:
         self.deliveries += 1
