@@ -15,9 +15,10 @@
 #   That is why the build stage is debian:12 and not python:3.11-slim (whose interpreter lives
 #   in /usr/local and would not exist in the runtime stage).
 #
-# No Docker engine runs in CI: .ci/check-manifests lints this file and runs the build stage's
-# RUN steps in a clean virtual environment (.ci/dockerfile_check.py). To keep that possible,
-# build-stage RUN steps reach every path through the ENV variables below, never literally.
+# No Docker engine runs in CI: .ci/check-manifests lints this file with hadolint
+# (.hadolint.yaml) and runs the build stage's RUN steps in a clean virtual environment
+# (.ci/dockerfile_check.py build). To keep that possible, build-stage RUN steps reach every
+# path through the ENV variables below, never literally.
 
 FROM debian:12.11-slim AS build
 

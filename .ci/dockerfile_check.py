@@ -1,20 +1,20 @@
-"""Check the Dockerfile without a Docker engine: lint it, and run its build stage for real.
+"""Replay the Dockerfile's build stage for real, without a Docker engine.
 
-    python .ci/dockerfile_check.py lint  [Dockerfile]
     python .ci/dockerfile_check.py build [Dockerfile] [--build-arg NAME=VALUE ...] [--keep DIR]
 
-``lint`` applies the project's image rules (a small hadolint for what matters here):
-multi-stage, pinned base images, a numeric non-root final USER, an exec-form ENTRYPOINT,
-OCI labels, no ``curl | sh``, no ``ADD <url>``, no secret-looking ENV/ARG with a value.
+Linting is hadolint's job (``hadolint --config .hadolint.yaml Dockerfile``, in
+.ci/check-manifests); hadolint does not run anything, so this replays the stage that the
+final stage copies from, step by step, in a temporary directory standing in for the image's
+root: ARG/ENV/WORKDIR/COPY are applied, absolute paths in ENV and WORKDIR are re-pointed under
+that root, and each RUN runs under ``sh -c`` with the same environment, so a broken install
+recipe fails CI as it would fail ``docker build``. ``apt-get`` RUN steps are skipped (the CI
+machine brings python3 and venv itself). A RUN that names an absolute path literally is
+refused: it could not be re-pointed, and the Dockerfile says build steps use ENV paths.
+Finally the files the runtime stage copies and its ENTRYPOINT must exist in the result.
 
-``build`` replays the stage that the final stage copies from, step by step, in a temporary
-directory standing in for the image's root: ARG/ENV/WORKDIR/COPY are applied, absolute paths
-in ENV and WORKDIR are re-pointed under that root, and each RUN runs under ``sh -c`` with the
-same environment, so a broken install recipe fails CI as it would fail ``docker build``.
-``apt-get`` RUN steps are skipped (the CI machine brings python3 and venv itself). A RUN that
-names an absolute path literally is refused: it could not be re-pointed, and the Dockerfile
-says build steps use ENV paths. Finally the files the runtime stage copies and its ENTRYPOINT
-must exist in the result.
+The parser (``parse``, ``stages``, ``exec_form``, ``key_values``) is also what
+tests/test_manifests.py uses for the project's own image rules that hadolint has no
+equivalent for.
 """
 
 from __future__ import annotations
@@ -146,155 +146,6 @@ def key_values(value: str) -> dict[str, str]:
         name, sep, val = word.partition("=")
         pairs[name] = val if sep else ""
     return pairs
-
-
-# --- lint ---------------------------------------------------------------------------------
-
-SECRET_NAME = re.compile(
-    r"(?i)(token|secret|passw(or)?d|api[_-]?key|credential|private[_-]?key|access[_-]?key)"
-)
-PIPE_TO_SHELL = re.compile(r"\b(curl|wget)\b[^|;&]*\|\s*(sudo\s+)?(ba|da|z|k)?sh\b")
-REQUIRED_LABELS = (
-    "org.opencontainers.image.title",
-    "org.opencontainers.image.description",
-    "org.opencontainers.image.version",
-    "org.opencontainers.image.revision",
-    "org.opencontainers.image.source",
-    "org.opencontainers.image.licenses",
-)
-
-
-@dataclass(frozen=True)
-class Problem:
-    line: int
-    rule: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"Dockerfile:{self.line}: {self.rule}: {self.message}"
-
-
-def lint(text: str) -> list[Problem]:
-    problems: list[Problem] = []
-    try:
-        instructions = parse(text)
-    except ValueError as exc:
-        return [Problem(0, "DF000", str(exc))]
-    head, found = stages(instructions)
-    if len(found) < 2:
-        problems.append(Problem(1, "DF001", "not multi-stage: build in one stage, run in another"))
-    names = {stage.name for stage in found if stage.name}
-    for stage in found:
-        problems.extend(_lint_base(stage, names, found))
-    for instruction in instructions:
-        problems.extend(_lint_instruction(instruction))
-    if not found:
-        return problems
-    final = found[-1]
-    problems.extend(_lint_final(final, found))
-    del head
-    return sorted(problems, key=lambda problem: (problem.line, problem.rule))
-
-
-def _lint_base(stage: Stage, names: set[str | None], found: list[Stage]) -> list[Problem]:
-    base = stage.base
-    earlier = {s.name for s in found[: stage.index] if s.name} | {
-        str(s.index) for s in found[: stage.index]
-    }
-    if base in earlier or base == "scratch":
-        return []
-    if "$" in base:
-        return [Problem(stage.line, "DF002", f"base image {base!r} comes from a variable")]
-    if "@sha256:" in base:
-        return []
-    last = base.rsplit("/", 1)[-1]
-    if ":" not in last:
-        return [Problem(stage.line, "DF002", f"base image {base!r} has no tag: pin one")]
-    tag = last.rsplit(":", 1)[1]
-    if tag in ("latest", "stable", "edge", "rolling"):
-        return [Problem(stage.line, "DF002", f"base image {base!r} uses a moving tag: pin one")]
-    del names
-    return []
-
-
-def _lint_instruction(instruction: Instruction) -> list[Problem]:
-    problems: list[Problem] = []
-    if instruction.keyword == "ADD" and re.search(r"(?i)\b(https?|ftp)://", instruction.body):
-        problems.append(
-            Problem(instruction.line, "DF003", "ADD of a URL: download in a build stage and verify")
-        )
-    if instruction.keyword == "RUN" and PIPE_TO_SHELL.search(instruction.body):
-        problems.append(
-            Problem(instruction.line, "DF004", "a download piped into a shell (curl | sh)")
-        )
-    if instruction.keyword in ("ENV", "ARG"):
-        try:
-            pairs = key_values(instruction.body)
-        except ValueError:
-            pairs = {}
-        for name, value in pairs.items():
-            if SECRET_NAME.search(name) and value and not name.endswith(("_FILE", "_PATH")):
-                problems.append(
-                    Problem(
-                        instruction.line,
-                        "DF005",
-                        f"{instruction.keyword} {name} has a value: secrets never go into image "
-                        "layers or build args (use a mounted file or a BuildKit secret)",
-                    )
-                )
-    return problems
-
-
-def _lint_final(final: Stage, found: list[Stage]) -> list[Problem]:
-    problems = _lint_user_and_entrypoint(final)
-    for instruction in final.instructions:
-        if instruction.keyword == "CMD" and exec_form(instruction.body) is None:
-            problems.append(Problem(instruction.line, "DF007", "CMD is not in exec form ([...])"))
-        if instruction.keyword == "RUN":
-            problems.append(
-                Problem(
-                    instruction.line,
-                    "DF008",
-                    "RUN in the final stage: it needs a shell, and its tools stay in the image",
-                )
-            )
-    labels: dict[str, str] = {}
-    for instruction in final.instructions:
-        if instruction.keyword == "LABEL":
-            labels.update(key_values(instruction.body))
-    missing = [label for label in REQUIRED_LABELS if label not in labels]
-    if missing:
-        problems.append(Problem(final.line, "DF009", f"missing OCI labels: {', '.join(missing)}"))
-    if not any(i.keyword == "COPY" and "from" in i.flags for i in final.instructions):
-        problems.append(
-            Problem(final.line, "DF001", "the final stage copies nothing from a build stage")
-        )
-    del found
-    return problems
-
-
-def _lint_user_and_entrypoint(final: Stage) -> list[Problem]:
-    problems: list[Problem] = []
-    users = [i for i in final.instructions if i.keyword == "USER"]
-    if not users:
-        problems.append(Problem(final.line, "DF006", "the final stage sets no USER (runs as root)"))
-    else:
-        user = users[-1]
-        uid, _, gid = user.body.partition(":")
-        if not uid.isdigit() or (gid and not gid.isdigit()):
-            problems.append(
-                Problem(user.line, "DF006", f"USER {user.body} is not numeric (uid[:gid])")
-            )
-        elif int(uid) == 0 or (gid and int(gid) == 0):
-            problems.append(Problem(user.line, "DF006", f"USER {user.body} is root"))
-    entrypoints = [i for i in final.instructions if i.keyword == "ENTRYPOINT"]
-    if not entrypoints:
-        problems.append(Problem(final.line, "DF007", "the final stage has no ENTRYPOINT"))
-    elif exec_form(entrypoints[-1].body) is None:
-        problems.append(
-            Problem(entrypoints[-1].line, "DF007", "ENTRYPOINT is not in exec form ([...])")
-        )
-    return problems
 
 
 # --- build (replay the build stage) ------------------------------------------------------
@@ -471,18 +322,12 @@ def _path(env: dict[str, str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("command", choices=("lint", "build"))
+    parser.add_argument("command", choices=("build",))
     parser.add_argument("dockerfile", nargs="?", default=str(ROOT / "Dockerfile"))
     parser.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--keep", type=Path, help="build under this directory and keep it")
     args = parser.parse_args(argv)
     dockerfile = Path(args.dockerfile)
-    if args.command == "lint":
-        problems = lint(dockerfile.read_text())
-        for problem in problems:
-            print(problem)
-        print(f"dockerfile lint: {len(problems)} problem(s) in {dockerfile}")
-        return 1 if problems else 0
     build_args = dict(arg.partition("=")[::2] for arg in args.build_arg)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

