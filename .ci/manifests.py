@@ -13,9 +13,12 @@ project's own Pod Security Standard and RBAC checks.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,23 @@ KUSTOMIZATIONS = (
     "cronjob/overlays/aws",
     "cronjob/overlays/gcp",
     "cronjob/agent",
+    "cronjob/audit",
 )
 OVERLAYS = ("cronjob/overlays/vault", "cronjob/overlays/aws", "cronjob/overlays/gcp")
-# Oldest supported minor (CronJob timeZone is GA since 1.27) and the newest with schemas.
+# Optional kustomize Components (kind: Component, not buildable alone), each rendered into every
+# overlay as a user would use it: a kustomization with the overlay as resource, the component
+# in `components:`. Named "<overlay>+<component directory name>".
+COMPONENTS = ("cronjob/components/per-pod",)
+VARIANTS = {
+    f"{overlay}+{Path(component).name}": (overlay, component)
+    for component in COMPONENTS
+    for overlay in OVERLAYS
+}
+# Custom resources the manifests use, validated against local schemas of the fields used
+# (kubernetes-validate knows only the built-in kinds): apiVersion -> schema file.
+CRD_SCHEMAS = {"cert-manager.io/v1": ROOT / ".ci" / "schemas" / "cert-manager.io-v1.json"}
+# Oldest supported minor (ValidatingAdmissionPolicy is GA, admissionregistration.k8s.io/v1,
+# since 1.30; CronJob timeZone since 1.27) and the newest with schemas.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 
 
@@ -59,6 +76,46 @@ def render(kustomization: str | Path) -> str:
     return result.stdout
 
 
+def render_variant(name: str, *, extra: dict[str, Any] | None = None) -> str:
+    """A VARIANTS entry rendered from a temporary kustomization (kustomize takes relative paths
+    only, so it lists the overlay and the component relative to the temporary directory);
+    ``extra`` adds fields to that kustomization (patches, as a user's overlay would)."""
+    overlay, component = VARIANTS[name]
+    with tempfile.TemporaryDirectory(prefix="lg-rotate-variant-") as tmp:
+        spec = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(ROOT / overlay, tmp)],
+            "components": [os.path.relpath(ROOT / component, tmp)],
+            **(extra or {}),
+        }
+        Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(spec))
+        result = subprocess.run(
+            [kubectl(), "kustomize", tmp],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {name} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _crd_problems(doc: dict[str, Any], name: str) -> list[str]:
+    import jsonschema
+
+    schema = json.loads(CRD_SCHEMAS[str(doc.get("apiVersion"))].read_text())
+    kind = str(doc.get("kind"))
+    if kind not in schema["definitions"]:
+        return [f"{name}: no local schema for {doc.get('apiVersion')} {kind} (.ci/schemas)"]
+    validator = jsonschema.Draft7Validator({**schema, "$ref": f"#/definitions/{kind}"})
+    return [
+        f"{name} ({doc.get('apiVersion')}): {'/'.join(str(p) for p in error.path)}: {error.message}"
+        for error in validator.iter_errors(doc)
+    ]
+
+
 def documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict)]
 
@@ -72,6 +129,9 @@ def validate(
     problems: list[str] = []
     for doc in docs:
         name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        if doc.get("apiVersion") in CRD_SCHEMAS:
+            problems += _crd_problems(doc, name)
+            continue
         for version in versions:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -114,8 +174,25 @@ def main() -> int:
             if not problems and not findings
             else f"--   {kustomization}: see above"
         )
+    for variant in VARIANTS:
+        try:
+            rendered[variant] = render_variant(variant)
+        except RuntimeError as exc:
+            print(f"FAIL render: {exc}")
+            failures += 1
+            continue
+        docs = documents(rendered[variant])
+        problems = validate(docs)
+        findings = audit(rendered[variant], label=variant)
+        for line in [f"schema {variant}: {p}" for p in problems] + [
+            f"audit {variant}: {f}" for f in findings
+        ]:
+            print(f"FAIL {line}")
+        failures += len(problems) + len(findings)
+        if not problems and not findings:
+            print(f"ok   {variant}: {len(docs)} objects rendered, schema-valid, no findings")
     # The agent and each overlay together: what a cluster would actually hold.
-    for overlay in OVERLAYS:
+    for overlay in (*OVERLAYS, *VARIANTS):
         if overlay in rendered and "cronjob/agent" in rendered:
             combined = rendered[overlay] + "\n---\n" + rendered["cronjob/agent"]
             for finding in audit(combined, label=f"{overlay}+agent"):

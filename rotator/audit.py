@@ -52,6 +52,7 @@ EXPIRES_AT = "linuxguard.io/expires-at"
 ROTATED_AT = "linuxguard.io/rotated-at"
 DEFAULT_SECRET = "linuxguard-enroll"  # noqa: S105 (a Secret name)
 DEFAULT_TTL_SECONDS = 600
+PER_POD_LABEL = "linuxguard.io/per-pod"  # rotator.kube.podsecrets (not imported: no kube here)
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -185,6 +186,44 @@ RULES: dict[str, Rule] = {
             summary="the agent has no per-pod workload identity",
             fix="add LINUXGUARD_NODE_NAME (fieldRef spec.nodeName) and LINUXGUARD_POD_UID "
             "(fieldRef metadata.uid) from the Downward API, or --workload-id",
+        ),
+        # The per-pod mode: lg-rotate's admission webhook (docs/PER-POD.md).
+        Rule(
+            id="LG014",
+            name="webhook-failure-without-fallback",
+            severity=Severity.HIGH,
+            summary="the per-pod webhook can let agent pods onto the shared Secret with no "
+            "per-start rotation behind it",
+            fix="keep failurePolicy: Fail with the webhook's default --on-failure=deny; use "
+            "failurePolicy: Ignore only with --on-failure=admit and `lg-rotate watch` running "
+            "for the shared Secret (cronjob/base), which rotates it after every pod start",
+        ),
+        Rule(
+            id="LG015",
+            name="webhook-side-effects",
+            severity=Severity.MEDIUM,
+            summary="the per-pod webhook does not declare sideEffects None or NoneOnDryRun",
+            fix="set sideEffects: NoneOnDryRun (lg-rotate webhook mints, stores and creates "
+            "nothing for a dry run); with Some or Unknown every `kubectl --dry-run=server` of "
+            "an agent pod is refused",
+        ),
+        Rule(
+            id="LG016",
+            name="webhook-unscoped",
+            severity=Severity.MEDIUM,
+            summary="the per-pod webhook is not limited to the agent's pods and namespace",
+            fix="set objectSelector to the agent's pod labels (app: linuxguard-agent) and "
+            "namespaceSelector to the agents' namespace: every other pod create then never "
+            "waits on (or, with failurePolicy Fail, fails with) the webhook",
+        ),
+        Rule(
+            id="LG017",
+            name="webhook-timeout",
+            severity=Severity.MEDIUM,
+            summary="the per-pod webhook's timeoutSeconds does not fit its admission budget",
+            fix="timeoutSeconds: 10 with the webhook's --admission-budget below it (8s by "
+            "default), so that the webhook's own answer (deny, or admit with --on-failure "
+            "admit) arrives before the API server gives up and applies failurePolicy",
         ),
     )
 }
@@ -1242,6 +1281,10 @@ def check_secret_expiry(audit: Audit) -> None:
             )
             secrets.append((name, metadata, location))
     for name, metadata, location in secrets:
+        if (metadata.get("labels") or {}).get(PER_POD_LABEL) == "true":
+            # A per-pod Secret keeps its token after its pod started (a restart replays it,
+            # expired or not); watch refreshes it before expiry only until then.
+            continue
         annotations = metadata.get("annotations") or {}
         expires: datetime | None = None
         try:
@@ -1398,6 +1441,133 @@ def _provides(audit: Audit, container: Container, name: str) -> bool:
     return False
 
 
+# --- the per-pod webhook (LG014-LG017) --------------------------------------------------------
+
+MAX_WEBHOOK_TIMEOUT = 10  # seconds: lg-rotate's budget for one admission (8 s) plus slack
+DEFAULT_ADMISSION_BUDGET = 8.0
+WEBHOOK_CONFIGURATION = "MutatingWebhookConfiguration"
+
+
+def _is_lg_rotate_webhooks(doc: Document) -> bool:
+    """A MutatingWebhookConfiguration of lg-rotate: by label, or by a name that says so."""
+    if doc.kind != WEBHOOK_CONFIGURATION:
+        return False
+    if _get(doc.data, "metadata", "labels", "app.kubernetes.io/name") == "lg-rotate":
+        return True
+    names = [doc.name]
+    for hook in doc.data.get("webhooks") or []:
+        if isinstance(hook, dict):
+            names += [
+                str(hook.get("name") or ""),
+                str(_get(hook, "clientConfig", "service", "name") or ""),
+            ]
+    return any("lg-rotate" in name for name in names)
+
+
+def _webhook_setting(audit: Audit, container: Container, flag: str, env: str) -> str | None:
+    return _flag_value(container.argv, flag) or audit.env_value(container, env)
+
+
+def _seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        parsed = parse_go_duration(value)
+        return float(parsed) if parsed is not None else None
+
+
+def check_webhooks(audit: Audit) -> None:
+    """LG014-LG017: the admission webhook configuration of the per-pod mode."""
+    servers = [
+        c for c in audit.containers
+        if is_rotator(c) and not c.init and _rotator_command(c) == "webhook"
+    ]  # fmt: skip
+    for doc in audit.documents:
+        if not _is_lg_rotate_webhooks(doc):
+            continue
+        for index, hook in enumerate(doc.data.get("webhooks") or []):
+            if not isinstance(hook, dict):
+                continue
+            at: Path_ = ("webhooks", index)
+            name = str(hook.get("name") or doc.name)
+            service_ns = _get(hook, "clientConfig", "service", "namespace")
+            mine = [c for c in servers if service_ns is None or c.namespace == service_ns]
+            modes = {
+                (_webhook_setting(audit, c, "--on-failure", "LG_ROTATE_ON_FAILURE") or "deny")
+                for c in mine
+            }
+            watched = any(
+                r.command == "watch" and (service_ns is None or r.namespace == service_ns)
+                for r in audit.rotations
+            )
+            policy = str(hook.get("failurePolicy") or "Fail")
+            if policy == "Ignore" and (not watched or "deny" in modes):
+                why = (
+                    "no `lg-rotate watch` rotates the shared Secret after each start"
+                    if not watched
+                    else "the webhook itself denies on failure (--on-failure deny): pick admit"
+                )
+                audit.add(
+                    "LG014",
+                    doc.location((*at, "failurePolicy")),
+                    f"webhook {name!r} has failurePolicy Ignore: when it is unreachable, agent "
+                    f"pods are created unchanged on the shared Secret, and {why}",
+                )
+            elif "admit" in modes and not watched:
+                audit.add(
+                    "LG014",
+                    mine[0].location(mine[0].path),
+                    f"webhook {name!r} runs with --on-failure admit: a pod it cannot serve "
+                    "reads the shared Secret, and no `lg-rotate watch` rotates it after each "
+                    "start",
+                )
+            effects = hook.get("sideEffects")
+            if effects not in ("None", "NoneOnDryRun"):
+                audit.add(
+                    "LG015",
+                    doc.location((*at, "sideEffects") if effects else at),
+                    f"webhook {name!r} has sideEffects {effects or '(unset)'}",
+                )
+            for field_name, what in (
+                ("objectSelector", "every pod, not only the agent's"),
+                ("namespaceSelector", "pods of every namespace, kube-system's too"),
+            ):
+                selector = hook.get(field_name)
+                if not isinstance(selector, dict) or not (
+                    selector.get("matchLabels") or selector.get("matchExpressions")
+                ):
+                    audit.add(
+                        "LG016",
+                        doc.location((*at, field_name) if field_name in hook else at),
+                        f"webhook {name!r} has no {field_name}: it is called for {what}",
+                    )
+            timeout = hook.get("timeoutSeconds", MAX_WEBHOOK_TIMEOUT)
+            if isinstance(timeout, int) and timeout > MAX_WEBHOOK_TIMEOUT:
+                audit.add(
+                    "LG017",
+                    doc.location((*at, "timeoutSeconds")),
+                    f"webhook {name!r} waits up to {timeout}s per agent pod create (more than "
+                    f"{MAX_WEBHOOK_TIMEOUT}s)",
+                )
+            for container in mine:
+                budget = _seconds(
+                    _webhook_setting(
+                        audit, container, "--admission-budget", "LG_ROTATE_ADMISSION_BUDGET"
+                    )
+                )
+                budget = DEFAULT_ADMISSION_BUDGET if budget is None else budget
+                if isinstance(timeout, int) and budget >= timeout:
+                    audit.add(
+                        "LG017",
+                        doc.location((*at, "timeoutSeconds") if "timeoutSeconds" in hook else at),
+                        f"webhook {name!r} has timeoutSeconds {timeout} but lg-rotate webhook "
+                        f"answers within {budget:g}s: the API server gives up first",
+                    )
+
+
 CHECKS: tuple[Callable[[Audit], None], ...] = (
     check_env_literals,
     check_argv,
@@ -1410,6 +1580,7 @@ CHECKS: tuple[Callable[[Audit], None], ...] = (
     check_secret_literals,
     check_reuse,
     check_agent_inputs,
+    check_webhooks,
 )
 
 
@@ -1568,18 +1739,45 @@ def _human(seconds: int) -> str:
 
 # (API class, singular as in the client's method names, kind) read with list.
 # Secrets are never listed: they are read by name, as metadata.
-CLUSTER_RESOURCES = (
-    ("CoreV1Api", "pod", "Pod"),
-    ("CoreV1Api", "config_map", "ConfigMap"),
-    ("AppsV1Api", "deployment", "Deployment"),
-    ("AppsV1Api", "daemon_set", "DaemonSet"),
-    ("AppsV1Api", "stateful_set", "StatefulSet"),
-    ("BatchV1Api", "job", "Job"),
-    ("BatchV1Api", "cron_job", "CronJob"),
+CLUSTER_RESOURCES = (  # (client API, method suffix, kind, RBAC resource)
+    ("CoreV1Api", "pod", "Pod", "pods"),
+    ("CoreV1Api", "config_map", "ConfigMap", "configmaps"),
+    ("AppsV1Api", "deployment", "Deployment", "deployments.apps"),
+    ("AppsV1Api", "daemon_set", "DaemonSet", "daemonsets.apps"),
+    ("AppsV1Api", "stateful_set", "StatefulSet", "statefulsets.apps"),
+    ("BatchV1Api", "job", "Job", "jobs.batch"),
+    ("BatchV1Api", "cron_job", "CronJob", "cronjobs.batch"),
 )
 OWNED_KINDS = frozenset({"ReplicaSet", "DaemonSet", "StatefulSet", "Job", "CronJob"})
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 PAGE_SIZE = 500
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """One request of ``--cluster`` the API server refused (401/403): a permission missing."""
+
+    verb: str  # the RBAC verb: list, get
+    resource: str  # the RBAC resource: pods, deployments.apps, secrets/NAME
+    namespace: str | None  # None: all namespaces
+    status: int
+
+    def describe(self) -> str:
+        where = f"in namespace {self.namespace}" if self.namespace else "in all namespaces"
+        return f"{self.verb} {self.resource} {where} (HTTP {self.status})"
+
+
+def describe_refusals(refused: Sequence[Refusal]) -> str:
+    """``list pods, configmaps in namespace x (HTTP 403); get secrets/y in ...``, grouped."""
+    groups: dict[tuple[str, str | None, int], list[str]] = {}
+    for refusal in refused:
+        key = (refusal.verb, refusal.namespace, refusal.status)
+        groups.setdefault(key, []).append(refusal.resource)
+    parts = []
+    for (verb, namespace, status), resources in groups.items():
+        where = f"in namespace {namespace}" if namespace else "in all namespaces"
+        parts.append(f"{verb} {', '.join(resources)} {where} (HTTP {status})")
+    return "; ".join(parts)
 
 
 @dataclass(kw_only=True)
@@ -1587,6 +1785,14 @@ class ClusterSnapshot:
     documents: list[Document]
     secret_metadata: dict[tuple[str, str], dict[str, Any]]
     notes: list[str]
+    refused: list[Refusal] = field(default_factory=list)
+    lists: int = 0  # list requests made
+    lists_answered: int = 0  # ... and answered (the rest were refused)
+
+    @property
+    def read_nothing(self) -> bool:
+        """Every list was refused: the audit saw no object at all."""
+        return self.lists > 0 and self.lists_answered == 0
 
 
 def read_cluster(
@@ -1598,22 +1804,29 @@ def read_cluster(
 
     documents: list[Document] = []
     notes: list[str] = []
-    for api_name, singular, kind in CLUSTER_RESOURCES:
+    snapshot = ClusterSnapshot(documents=documents, secret_metadata={}, notes=notes)
+    for api_name, singular, kind, resource in CLUSTER_RESOURCES:
         api = getattr(client, api_name)(api_client)
-        calls: list[Callable[..., Any]] = [
-            _bound(getattr(api, f"list_namespaced_{singular}"), ns) for ns in namespaces
-        ] or [getattr(api, f"list_{singular}_for_all_namespaces")]
-        for call in calls:
+        calls: list[tuple[str | None, Callable[..., Any]]] = [
+            (ns, _bound(getattr(api, f"list_namespaced_{singular}"), ns)) for ns in namespaces
+        ] or [(None, getattr(api, f"list_{singular}_for_all_namespaces"))]
+        for namespace, call in calls:
+            snapshot.lists += 1
             try:
                 items = _list_all(call)
             except ApiException as exc:
                 if exc.status in (401, 403):
-                    notes.append(f"cannot list {kind} objects: HTTP {exc.status}")
+                    refusal = Refusal(
+                        verb="list", resource=resource, namespace=namespace, status=exc.status
+                    )
+                    snapshot.refused.append(refusal)
+                    notes.append(f"cannot {refusal.describe()}")
                     continue
                 raise KubernetesError(
                     f"listing {kind} objects failed: HTTP {exc.status} {exc.reason}",
                     fix="check --kubeconfig/--context and the API server",
                 ) from None
+            snapshot.lists_answered += 1
             for item in items:
                 item.setdefault("kind", kind)
                 if kind in ("Pod", "Job") and _owned(item):
@@ -1627,11 +1840,21 @@ def read_cluster(
         try:
             body = _secret_metadata(core, namespace=namespace, name=name)
         except ApiException as exc:
+            if exc.status in (401, 403):
+                snapshot.refused.append(
+                    Refusal(
+                        verb="get",
+                        resource=f"secrets/{name}",
+                        namespace=namespace,
+                        status=exc.status,
+                    )
+                )
             if exc.status != 404:
                 notes.append(f"cannot read Secret {namespace}/{name} metadata: HTTP {exc.status}")
             continue
         metadata[(namespace, name)] = body
-    return ClusterSnapshot(documents=documents, secret_metadata=metadata, notes=notes)
+    snapshot.secret_metadata = metadata
+    return snapshot
 
 
 def _bound(method: Callable[..., Any], namespace: str) -> Callable[..., Any]:
@@ -1704,9 +1927,17 @@ SECURITY_SEVERITY = {
 }
 
 
-def render_table(findings: Sequence[Finding], *, documents: int) -> str:
+def render_table(
+    findings: Sequence[Finding], *, documents: int, refused: Sequence[Refusal] = ()
+) -> str:
+    incomplete = (
+        f"INCOMPLETE: the API server refused {describe_refusals(refused)}: what those would "
+        "have shown was not audited\n"
+        if refused
+        else ""
+    )
     if not findings:
-        return f"no findings in {documents} object(s)\n"
+        return f"no findings in {documents} object(s)\n{incomplete}"
     rows = [
         (f.severity.label, f.rule.id, redact(str(f.location)), redact(f.message)) for f in findings
     ]
@@ -1733,7 +1964,7 @@ def render_table(findings: Sequence[Finding], *, documents: int) -> str:
     counts = _counts(findings)
     summary = ", ".join(f"{n} {label}" for label, n in counts.items() if n)
     lines.append(f"{len(findings)} finding(s) in {documents} object(s): {summary}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + incomplete
 
 
 def _counts(findings: Sequence[Finding]) -> dict[str, int]:
@@ -1743,7 +1974,14 @@ def _counts(findings: Sequence[Finding]) -> dict[str, int]:
     return counts
 
 
-def render_json(findings: Sequence[Finding], *, documents: int, failed: bool, fail_on: str) -> str:
+def render_json(
+    findings: Sequence[Finding],
+    *,
+    documents: int,
+    failed: bool,
+    fail_on: str,
+    refused: Sequence[Refusal] = (),
+) -> str:
     body = {
         "tool": "lg-rotate audit",
         "version": __version__,
@@ -1754,13 +1992,20 @@ def render_json(findings: Sequence[Finding], *, documents: int, failed: bool, fa
             "by_severity": _counts(findings),
             "fail_on": fail_on,
             "failed": failed,
+            "complete": not refused,
+            "refused": [refusal.describe() for refusal in refused],
         },
     }
     return json.dumps(body, indent=2) + "\n"
 
 
-def sarif_log(findings: Sequence[Finding]) -> dict[str, Any]:
-    """A SARIF 2.1.0 log (GitHub code scanning and other SARIF viewers)."""
+def sarif_log(
+    findings: Sequence[Finding], *, refused: Sequence[Refusal] = (), allow_partial: bool = False
+) -> dict[str, Any]:
+    """A SARIF 2.1.0 log (GitHub code scanning and other SARIF viewers).
+
+    A ``--cluster`` audit that could not read everything says so in ``invocations``.
+    """
     rule_ids = list(RULES)
     rules = [
         {
@@ -1801,23 +2046,31 @@ def sarif_log(findings: Sequence[Finding]) -> dict[str, Any]:
                 },
             }
         )
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [
-            {
-                "tool": {
-                    "driver": {
-                        "name": "lg-rotate audit",
-                        "version": __version__,
-                        "informationUri": "https://linuxguard.example.com/lg-rotate",
-                        "rules": rules,
-                    }
-                },
-                "results": results,
+    run: dict[str, Any] = {
+        "tool": {
+            "driver": {
+                "name": "lg-rotate audit",
+                "version": __version__,
+                "informationUri": "https://linuxguard.example.com/lg-rotate",
+                "rules": rules,
             }
-        ],
+        },
+        "results": results,
     }
+    if refused:
+        run["invocations"] = [
+            {
+                "executionSuccessful": allow_partial,
+                "toolExecutionNotifications": [
+                    {
+                        "level": "warning" if allow_partial else "error",
+                        "message": {"text": f"incomplete: the API server refused {r.describe()}"},
+                    }
+                    for r in refused
+                ],
+            }
+        ]
+    return {"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
 def _uri(file: str) -> str:
@@ -1903,6 +2156,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(RULES),
         help="skip a rule (repeatable)",
     )
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="with --cluster: exit 0 (if nothing else fails) even when some lists or "
+        "Secret reads were refused; they are still reported. Without it a partial read "
+        f"exits {int(ExitCode.KUBERNETES)}, and a read of nothing always does",
+    )
 
 
 def _positive_seconds(text: str) -> int:
@@ -1925,7 +2185,9 @@ def run_audit_command(
 ) -> int:
     """Run ``lg-rotate audit``; 0 when clean, CHECK_FAILED when findings reach --fail-on.
 
-    Raises ConfigError (exit 2) for unreadable input or missing arguments.
+    With ``--cluster``, KUBERNETES when some list or Secret read was refused (unless
+    ``--allow-partial``; findings still win). Raises ConfigError (exit 2) for unreadable
+    input or missing arguments, KubernetesError (exit 6) when every list was refused.
     """
     out = stdout or sys.stdout
     paths: list[str] = list(args.paths or [])
@@ -1933,6 +2195,7 @@ def run_audit_command(
         raise ConfigError("nothing to audit", fix="give manifest PATHs, - for stdin, or --cluster")
     documents = load_paths(paths, stdin=stdin) if paths else []
     secret_metadata: dict[tuple[str, str], dict[str, Any]] = {}
+    refused: list[Refusal] = []
     if args.cluster:
         if api_client is None:
             from rotator.kube.api import connect
@@ -1944,8 +2207,17 @@ def run_audit_command(
         )
         for note in snapshot.notes:
             print(f"lg-rotate audit: warning: {note}", file=sys.stderr)
+        if snapshot.read_nothing:
+            # "No findings in 0 objects" would pass a gate that saw nothing.
+            raise KubernetesError(
+                "audit --cluster read nothing: the API server refused "
+                f"{describe_refusals(snapshot.refused)}",
+                fix="run it as an identity that may list these (the auditor Role of "
+                "cronjob/audit/, docs/AUDIT.md), or check --kubeconfig/--context",
+            )
         documents.extend(snapshot.documents)
         secret_metadata = snapshot.secret_metadata
+        refused = snapshot.refused
     findings = audit_documents(
         documents,
         token_ttl=args.token_ttl,
@@ -1956,13 +2228,30 @@ def run_audit_command(
     )
     threshold = None if args.fail_on == "never" else Severity[args.fail_on.upper()]
     failed = threshold is not None and any(f.severity >= threshold for f in findings)
+    incomplete = bool(refused) and not args.allow_partial
     if args.output == "json":
         out.write(
-            render_json(findings, documents=len(documents), failed=failed, fail_on=args.fail_on)
+            render_json(
+                findings,
+                documents=len(documents),
+                failed=failed or incomplete,
+                fail_on=args.fail_on,
+                refused=refused,
+            )
         )
     elif args.output == "sarif":
-        out.write(json.dumps(sarif_log(findings), indent=2) + "\n")
+        sarif = sarif_log(findings, refused=refused, allow_partial=args.allow_partial)
+        out.write(json.dumps(sarif, indent=2) + "\n")
     else:
-        out.write(render_table(findings, documents=len(documents)))
+        out.write(render_table(findings, documents=len(documents), refused=refused))
     out.flush()
-    return int(ExitCode.CHECK_FAILED) if failed else int(ExitCode.OK)
+    if refused:
+        print(
+            f"lg-rotate audit: {'warning' if args.allow_partial else 'error'}: incomplete: "
+            f"the API server refused {describe_refusals(refused)} (fix: grant them, e.g. the "
+            "auditor Role of cronjob/audit/, or pass --allow-partial to accept a partial audit)",
+            file=sys.stderr,
+        )
+    if failed:
+        return int(ExitCode.CHECK_FAILED)
+    return int(ExitCode.KUBERNETES) if incomplete else int(ExitCode.OK)

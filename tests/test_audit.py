@@ -28,7 +28,7 @@ from rotator.audit import (
     parse_go_duration,
     run_audit_command,
 )
-from rotator.errors import ConfigError, ExitCode
+from rotator.errors import ConfigError, ExitCode, KubernetesError
 from rotator.tokens import TOKEN_SHAPED, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,10 @@ EXPECTED = {
     "lg011-secret-literal.yaml": {"LG011"},
     "lg012-missing-tenant.yaml": {"LG012"},
     "lg013-workload-identity.yaml": {"LG013"},
+    "lg014-webhook-failure-policy.yaml": {"LG014"},
+    "lg015-webhook-side-effects.yaml": {"LG015"},
+    "lg016-webhook-unscoped.yaml": {"LG016"},
+    "lg017-webhook-timeout.yaml": {"LG017"},
 }
 GOOD = sorted(path.name for path in (CORPUS / "good").iterdir())
 
@@ -632,7 +636,11 @@ def test_a_well_run_namespace_is_clean(
     code, body = _cluster_audit(k8s, tmp_path, "-n", k8s_namespace)
     assert body["findings"] == []
     assert code == ExitCode.OK
-    assert body["summary"]["objects"] == 2  # the DaemonSet and the CronJob (Secrets: metadata)
+    # The DaemonSet, the CronJob and the CA ConfigMaps the controller manager publishes in
+    # every namespace (kube-root-ca.crt, ...); Secrets are read as metadata, not counted.
+    published = k8s.list_objects("v1/configmaps", k8s_namespace)
+    assert body["summary"]["objects"] == 2 + len(published)
+    assert body["summary"]["complete"] is True
 
 
 def test_cluster_audit_across_all_namespaces(
@@ -664,3 +672,188 @@ def test_a_renamed_rotator_image_is_still_recognised() -> None:
 def test_flags_without_a_command_mean_rotate() -> None:
     text = _rotation("0 * * * *", "args: [--provider, vault, --tenant, acme]")
     assert [f.rule.id for f in audit_documents(load_text(text, file="x"))] == ["LG007"]
+
+
+# --- the per-pod webhook (LG014-LG017) ---------------------------------------------------------
+
+
+def test_webhook_failure_policy_findings_say_what_is_missing() -> None:
+    path = CORPUS / "bad" / "lg014-webhook-failure-policy.yaml"
+    by_name = {f.location.name: f for f in findings_for(path)}
+    assert set(by_name) == {"lg-rotate-edge", "lg-rotate-core"}
+    assert "no `lg-rotate watch`" in by_name["lg-rotate-edge"].message
+    assert "--on-failure deny" in by_name["lg-rotate-core"].message
+    assert _line(path, by_name["lg-rotate-edge"].location.line).strip() == "failurePolicy: Ignore"
+
+
+@pytest.mark.parametrize(
+    ("change", "rules"),
+    [
+        ("", set()),
+        # Fail closed, but the webhook admits on failure: watch must run.
+        ("args: [webhook, --on-failure, admit]", {"LG014"}),
+        ("args: [webhook, --on-failure, admit]\n+watch", set()),
+        ("failurePolicy: Ignore", {"LG014"}),  # with the default deny: inconsistent
+        ("failurePolicy: Ignore\nargs: [webhook, --on-failure, admit]\n+watch", set()),
+        ("sideEffects: None", set()),
+        ("sideEffects: Unknown", {"LG015"}),
+        ("timeoutSeconds: 9\nargs: [webhook, --admission-budget, 9s]", {"LG017"}),
+        ("timeoutSeconds: 10\nargs: [webhook, --admission-budget, 9.5]", set()),
+    ],
+)
+def test_webhook_rules_on_variations(change: str, rules: set[str]) -> None:
+    hook: dict[str, Any] = {
+        "name": "per-pod-secret.lg-rotate.linuxguard.io",
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": {"service": {"name": "lg-rotate-webhook", "namespace": "agents"}},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "agents"}},
+        "objectSelector": {"matchLabels": {"app": "linuxguard-agent"}},
+        "sideEffects": "NoneOnDryRun",
+        "timeoutSeconds": 10,
+    }
+    args = ["webhook"]
+    watch = False
+    for line in change.splitlines():
+        key, _, value = line.partition(": ")
+        if line == "+watch":
+            watch = True
+        elif key == "args":
+            args = value.strip("[]").split(", ")
+        elif key:
+            hook[key] = int(value) if value.isdigit() else value
+
+    def deployment(name: str, argv: list[str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "agents"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [{"name": "lg-rotate", "image": "lg-rotate:1", "args": argv}]
+                    }
+                }
+            },
+        }
+
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "lg-rotate-per-pod"},
+            "webhooks": [hook],
+        },
+        deployment("lg-rotate-webhook", args),
+    ]
+    if watch:
+        docs.append(deployment("lg-rotate-watch", ["watch"]))
+    text = "\n---\n".join(json.dumps(doc) for doc in docs)
+    found = audit_documents(load_text(text, file="x.yaml"), now=NOW)
+    assert {f.rule.id for f in found} == rules, [f.message for f in found]
+
+
+# --- --cluster with refused lists: a gate that read nothing must not pass ------------------
+
+
+def test_cluster_audit_with_refused_lists(
+    k8s: Any, k8s_namespace: str, create: Callable[[dict[str, Any]], None], tmp_path: Path
+) -> None:
+    """As a ServiceAccount that may list pods only, then as one that may list nothing."""
+    from kubernetes import config
+
+    from fixtures.cluster import wait_for
+
+    create(_agent("linuxguard-agent", env=_from_secret("linuxguard-enroll")))
+    k8s.apply(
+        [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "pod-lister"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "pod-lister"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                            "name": "pod-lister"},
+                "subjects": [{"kind": "ServiceAccount", "name": "pods-only",
+                              "namespace": k8s_namespace}],
+            },
+        ],
+        k8s_namespace,
+    )  # fmt: skip
+    pods_only = k8s.serviceaccount_kubeconfig(k8s_namespace, "pods-only", tmp_path / "pods")
+    nothing = k8s.serviceaccount_kubeconfig(k8s_namespace, "nothing", tmp_path / "nothing")
+    wait_for(
+        lambda: k8s.kubectl("get", "pods", kubeconfig=pods_only, check=False).returncode == 0,
+        what="the RoleBinding to take effect",
+    )
+
+    def audit_as(kubeconfig: Path, *extra: str) -> tuple[int, str]:
+        api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        try:
+            return run("--cluster", "-n", k8s_namespace, *extra, api_client=api_client)
+        finally:
+            api_client.close()
+
+    code, table = audit_as(pods_only)
+    assert code == ExitCode.KUBERNETES
+    assert table.startswith("no findings in 0 object(s)\n")
+    (incomplete,) = [line for line in table.splitlines() if line.startswith("INCOMPLETE")]
+    assert (
+        f"list configmaps, deployments.apps, daemonsets.apps, statefulsets.apps, jobs.batch, cronjobs.batch in namespace {k8s_namespace} (HTTP 403)"
+        in incomplete
+    )
+    assert f"get secrets/linuxguard-enroll in namespace {k8s_namespace} (HTTP 403)" in incomplete
+    assert "list pods" not in incomplete
+
+    code, sarif = audit_as(pods_only, "-o", "sarif")
+    assert code == ExitCode.KUBERNETES
+    (invocation,) = json.loads(sarif)["runs"][0]["invocations"]
+    assert invocation["executionSuccessful"] is False
+    notes = [n["message"]["text"] for n in invocation["toolExecutionNotifications"]]
+    assert any("list configmaps" in note for note in notes)
+    assert all(n["level"] == "error" for n in invocation["toolExecutionNotifications"])
+
+    code, _ = audit_as(pods_only, "--allow-partial")
+    assert code == ExitCode.OK
+    # Findings win over an incomplete read: 9, not 6.
+    create({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "literal"},
+        "spec": {"containers": [{"name": "agent", "image": "linuxguard/agent:1", "env": [
+            {"name": "LINUXGUARD_ENROLL_TOKEN", "value": TOKEN},
+            {"name": "LINUXGUARD_TENANT_ID", "value": "acme"}]}]},
+    })  # fmt: skip
+    code, table = audit_as(pods_only)
+    assert code == ExitCode.CHECK_FAILED
+    assert "LG001" in table
+    assert "INCOMPLETE" in table
+    assert TOKEN not in table
+
+    with pytest.raises(KubernetesError) as refused:
+        audit_as(nothing)
+    message = refused.value.one_line()
+    assert message.startswith(
+        "audit --cluster read nothing: the API server refused list pods, configmaps"
+    )
+    assert "cronjob/audit/" in message
+    assert refused.value.exit_code == ExitCode.KUBERNETES
+
+
+def test_an_expired_token_in_a_per_pod_secret_is_no_finding() -> None:
+    """Its pod started with it; a restart replays it, expired or not (docs/PER-POD.md)."""
+    secret = (
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: linuxguard-enroll-0123456789ab\n"
+        "  namespace: agents\n  labels: {LABELS}\n  annotations:\n"
+        "    linuxguard.io/expires-at: '2025-12-31T23:00:00Z'\n"
+    )
+    per_pod = secret.replace(
+        "{LABELS}", "{linuxguard.io/per-pod: 'true', linuxguard.io/shared-secret: x}"
+    )
+    assert audit_documents(load_text(per_pod, file="x.yaml"), now=NOW) == []
+    shared = secret.replace("{LABELS}", "{}")
+    assert {f.rule.id for f in audit_documents(load_text(shared, file="x.yaml"), now=NOW)} == {
+        "LG008"
+    }

@@ -16,7 +16,6 @@ from rotator.errors import (
     LgRotateError,
 )
 from rotator.kube.api import FIELD_MANAGER, MANAGED_BY_LABEL, ApiOp, api_request
-from rotator.kube.secret import read_secret_uid
 from rotator.tokens import (
     REDACTED,
     TOKEN_SHAPED,
@@ -121,3 +120,30 @@ def record_event(
         )
         return False
     return True
+
+
+def read_secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float) -> str | None:
+    from kubernetes import client
+
+    op = ApiOp(
+        verb="get",
+        kind="Secret",
+        resource="secrets",
+        group="",
+        namespace=namespace,
+        name=name,
+        writes=False,
+    )
+    try:
+        secret = api_request(
+            api_client,
+            op,
+            client.CoreV1Api(api_client).read_namespaced_secret,
+            name=name,
+            namespace=namespace,
+            _request_timeout=timeout,
+        )
+    except LgRotateError:
+        return None
+    uid = (secret.get("metadata") or {}).get("uid")
+    return str(uid) if uid else None
