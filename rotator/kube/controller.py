@@ -57,6 +57,16 @@ while the Secret may still hold a consumed token), then the victim's pod is dele
 (with its UID as precondition) so the DaemonSet recreates it with the fresh token.
 Deletions are rate-limited by a token bucket (:class:`TokenBucket`).
 
+**Per-pod Secrets** (the webhook mode, docs/PER-POD.md). A pod that carries
+``linuxguard.io/enroll-secret`` reads a Secret of its own (made at admission by
+:mod:`rotator.kube.webhook`): its starts consume nothing of the shared Secret and are left
+out of the attribution above, except through containers that still reference the shared
+Secret. A third thread of each term (:class:`rotator.kube.podsecret_keeper.PodSecretKeeper`)
+adopts those Secrets (ownerReference to the pod, for garbage collection), refreshes the token
+of a pod whose agent has not started before it expires, and deletes orphans. Without the RBAC
+for it (the optional component cronjob/components/per-pod) it says so once and the rest of
+the controller is unaffected.
+
 **Observability.** ``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz`` on one
 port (:mod:`rotator.metrics`), Kubernetes Events on the Secret (rotations, failures,
 collisions, leadership; fingerprints only), and logs under ``lg_rotate.controller``.
@@ -98,10 +108,20 @@ from rotator.kube.collisions import (
     TokenTimeline,
     Verdict,
 )
-from rotator.kube.events import record_event
+from rotator.kube.events import read_secret_uid, record_event
 from rotator.kube.lease import LeaseLock, lease_name_for
 from rotator.kube.pods import ContainerView, PodApi, PodStart, PodView, container_instances
-from rotator.kube.secret import SecretTarget, read_secret_uid
+from rotator.kube.podsecret_keeper import (
+    ADOPTED,
+    DELETED,
+    FAILED,
+    REFRESHED,
+    PodSecretKeeper,
+    PodTokenIssuer,
+    shared_consumers,
+)
+from rotator.kube.podsecrets import ADOPTION_GRACE
+from rotator.kube.secret import SecretTarget
 from rotator.metrics import Counter, Gauge, Histogram, MetricsServer, Registry
 from rotator.rotation import Action, RotationReport, Rotator, Step
 from rotator.targets import TargetState
@@ -194,6 +214,16 @@ class ControllerMetrics:
         self.rotation_duration = r.register(
             Histogram("lg_rotate_rotation_duration_seconds", "Time a whole rotation took.")
         )
+        self.pod_secrets = r.register(
+            Counter(
+                "lg_rotate_pod_secrets_total",
+                "Per-pod Secrets (webhook mode) handled, by action (adopted: ownerReference to "
+                "its pod set; refreshed: token replaced before its pod started; deleted: "
+                "orphaned; failed).",
+                ["action"],
+                initial=[{"action": a} for a in (ADOPTED, REFRESHED, DELETED, FAILED)],
+            )
+        )
 
 
 # --- the controller --------------------------------------------------------------------
@@ -261,7 +291,8 @@ class _Term:
 
     started: datetime
     stop: threading.Event = field(default_factory=threading.Event)
-    synced: threading.Event = field(default_factory=threading.Event)
+    synced: threading.Event = field(default_factory=threading.Event)  # first pod list done
+    secret_read: threading.Event = field(default_factory=threading.Event)  # and the Secret's
     threads: list[threading.Thread] = field(default_factory=list)
 
     def alive(self) -> bool:
@@ -326,6 +357,9 @@ class Controller:
         request_timeout: float = 30.0,
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        pod_secrets: bool = True,
+        adoption_grace: timedelta | float = ADOPTION_GRACE,
+        pod_secret_resync: float = 30.0,
     ) -> None:
         if not selector or not selector.strip():
             raise ConfigError(
@@ -351,6 +385,7 @@ class Controller:
         self.namespace = namespace
         self.selector = selector.strip()
         self.target = target
+        target.events = False  # the controller records a richer Rotated Event (why) itself
         self.container = container
         self.expiry_margin = expiry_margin
         self.tolerance = timedelta(seconds=max(0.0, start_tolerance))
@@ -391,6 +426,25 @@ class Controller:
         self.metrics = ControllerMetrics(token_ttl=self._token_ttl)
         self._server: MetricsServer | None = None
         self._release_on_stop = True  # tests turn it off to play a crashed leader
+        # Per-pod Secrets (webhook mode, docs/PER-POD.md): adopted, refreshed, cleaned up by
+        # a thread of each leadership term (rotator/kube/podsecret_keeper.py).
+        self.pod_secret_keeper: PodSecretKeeper | None = None
+        if pod_secrets:
+            self.pod_secret_keeper = PodSecretKeeper(
+                api_client=api_client,
+                namespace=namespace,
+                shared_secret=target.name,
+                token_key=target.token_key,
+                tenant_key=target.tenant_key,
+                issuer=lambda: PodTokenIssuer.from_rotator(self._rotator()),
+                expiry_margin=expiry_margin,
+                adoption_grace=adoption_grace,
+                resync=pod_secret_resync,
+                request_timeout=request_timeout,
+                clock=clock,
+                monotonic=monotonic,
+                on_action=lambda action: self.metrics.pod_secrets.inc(action=action),
+            )
 
         self._cond = threading.Condition()
         self._running = False
@@ -428,6 +482,8 @@ class Controller:
         self._backoff_until = 0.0
         self._step_times: dict[Step, datetime] = {}
         self._step_mono: dict[Step, float] = {}
+        if self.pod_secret_keeper is not None:
+            self.pod_secret_keeper.reset()
 
     # --- public ---
 
@@ -446,7 +502,7 @@ class Controller:
             return ControllerStatus(
                 running=self._running,
                 leader=self._leader,
-                synced=bool(term and term.synced.is_set()),
+                synced=bool(term and term.synced.is_set() and term.secret_read.is_set()),
                 identity=self.identity,
                 pods=len(self._pods),
                 pending_starts=len(self._new_starts) + self._in_flight,
@@ -568,7 +624,13 @@ class Controller:
             self._reset_term_state()
             term = _Term(started=self.clock())
             self._term = term
-        for name, target in (("watch", self._watch_loop), ("work", self._work_loop)):
+        loops: list[tuple[str, Callable[[_Term], None]]] = [
+            ("watch", self._watch_loop),
+            ("work", self._work_loop),
+        ]
+        if self.pod_secret_keeper is not None:
+            loops.append(("podsecrets", self._pod_secret_loop))
+        for name, target in loops:
             thread = threading.Thread(
                 target=target, args=(term,), name=f"lg-rotate-{name}", daemon=True
             )
@@ -579,6 +641,8 @@ class Controller:
     def _end_term(self, term: _Term) -> None:
         term.stop.set()
         self._pods_api.abort_watch()
+        if self.pod_secret_keeper is not None:
+            self.pod_secret_keeper.wake.set()
         with self._cond:
             self._cond.notify_all()
         for thread in term.threads:
@@ -644,6 +708,8 @@ class Controller:
             if uid:
                 seen.add(str(uid))
             self._apply_pod("ADDED", item, historical=historical)
+        if self.pod_secret_keeper is not None:
+            self.pod_secret_keeper.replace(items)
         with self._cond:
             for uid in [uid for uid in self._pods if uid not in seen]:
                 del self._pods[uid]  # deleted while nobody was watching
@@ -654,11 +720,16 @@ class Controller:
         uid = str(metadata.get("uid") or "")
         if not uid:
             return
+        if self.pod_secret_keeper is not None and not historical:
+            self.pod_secret_keeper.observe(kind, obj)  # (a relist hands it every pod at once)
+        # A pod admitted by the webhook reads its own Secret: its starts consume nothing of the
+        # shared one, except through containers that still reference the shared Secret.
+        consumers = shared_consumers(obj, self.target.name)
         now = self.clock()
         with self._cond:
-            if kind == "DELETED":
-                self._pods.pop(uid, None)
-                self._cond.notify_all()
+            if kind == "DELETED" or consumers == set():
+                if self._pods.pop(uid, None) is not None or kind == "DELETED":
+                    self._cond.notify_all()
                 return
             pod = self._pods.get(uid)
             if pod is None:
@@ -667,6 +738,8 @@ class Controller:
             pod.node = (obj.get("spec") or {}).get("nodeName") or pod.node
             starts: list[PodStart] = []
             for status in container_instances(obj, container=self.container):
+                if consumers is not None and status.name not in consumers:
+                    continue
                 view = pod.containers.setdefault(status.name, ContainerView())
                 fresh = [i for i in status.instances if i.key not in view.seen]
                 # Restarts the status no longer shows (it keeps two instances) still consumed
@@ -710,6 +783,7 @@ class Controller:
         while not term.stop.is_set() and not term.synced.wait(0.1):
             self._beat = self.monotonic()
         self._sync_secret()
+        term.secret_read.set()
         while not term.stop.is_set():
             self._beat = self.monotonic()
             try:
@@ -723,6 +797,25 @@ class Controller:
             with self._cond:
                 if not self._new_starts and not term.stop.is_set():
                     self._cond.wait(self._next_wake())
+
+    def _pod_secret_loop(self, term: _Term) -> None:
+        """Per-pod Secrets (webhook mode): adopt, refresh, clean up; see podsecret_keeper."""
+        keeper = self.pod_secret_keeper
+        assert keeper is not None
+        while not term.stop.is_set() and not term.synced.wait(0.1):
+            pass
+        while not term.stop.is_set():
+            self._beat = self.monotonic()
+            acting = self.monotonic() < self._lease_valid_until
+            keeper.wake.clear()  # before the pass: a pod event during it wakes the next one
+            try:
+                wait = keeper.run_once(acting=acting)
+            except Exception:  # never let the loop die: log, pause, go on
+                log.exception("unexpected error managing per-pod Secrets")
+                wait = min(self.max_backoff, 5.0)
+            if term.stop.is_set():
+                break
+            keeper.wake.wait(max(0.01, min(wait, self.tick * 6)))
 
     def _work_once(self, term: _Term) -> None:
         self.worker_cycles += 1
@@ -895,6 +988,9 @@ class Controller:
                     rotated_at=latest,
                 )
                 self._secret_missing = False
+            # The delivery may have (re)created the Secret, under a new uid: the Events
+            # thread re-reads it rather than naming a deleted object.
+            self.secret_uid = None
         short = (report.fingerprint or "")[:12]
         log.info(
             "rotated Secret %s to token %s (%s, rotation %s) after %s",

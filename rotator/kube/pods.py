@@ -18,11 +18,14 @@ from rotator.errors import (
 from rotator.kube.api import (
     FIELD_MANAGER,
     MERGE_PATCH,
+    POD_PATH,
+    PODS_PATH,
     ApiOp,
     KubernetesNotFoundError,
-    api_error,
     api_request,
+    api_stream,
     transport_reason,
+    workload_path,
 )
 from rotator.tokens import format_timestamp, parse_timestamp
 
@@ -227,24 +230,14 @@ class PodApi:
             writes=False,
         )
 
-    def _core(self) -> Any:
-        from kubernetes import client
-
-        return client.CoreV1Api(self.api_client)
-
-    def _apps(self) -> Any:
-        from kubernetes import client
-
-        return client.AppsV1Api(self.api_client)
-
     def list(self, *, selector: str) -> tuple[list[dict[str, Any]], str | None]:
         answer = api_request(
             self.api_client,
             self._op("list"),
-            self._core().list_namespaced_pod,
-            namespace=self.namespace,
-            label_selector=selector,
-            _request_timeout=self.request_timeout,
+            "GET",
+            PODS_PATH,
+            query={"labelSelector": selector},
+            timeout=self.request_timeout,
         )
         items = [item for item in answer.get("items") or [] if isinstance(item, dict)]
         version = (answer.get("metadata") or {}).get("resourceVersion")
@@ -253,34 +246,27 @@ class PodApi:
     def watch(
         self, *, selector: str, resource_version: str | None, timeout_seconds: int
     ) -> Iterator[dict[str, Any]]:
-        """Watch events (``{"type", "object"}``) until the server ends the watch."""
-        from kubernetes.client.exceptions import ApiException
+        """Watch events (``{"type", "object"}``) until the server ends the watch.
+
+        A plain streamed GET (``watch=true``, one JSON event per line): ``kubernetes.watch``
+        streams through a generated API method (``CoreV1Api.list_namespaced_pod``), whose
+        import builds the client's models.
+        """
         from urllib3.exceptions import HTTPError as TransportError
 
-        op = self._op("watch")
-        kwargs: dict[str, Any] = {
-            "namespace": self.namespace,
-            "label_selector": selector,
-            "watch": True,
-            "allow_watch_bookmarks": True,
-            "timeout_seconds": max(1, int(timeout_seconds)),
-            "_preload_content": False,
-            "_request_timeout": (self.request_timeout, timeout_seconds + self.request_timeout),
-        }
-        if resource_version:
-            kwargs["resource_version"] = resource_version
-        refused: KubernetesError | None = None
-        try:
-            response = self._core().list_namespaced_pod(**kwargs)
-        except ApiException as exc:
-            refused = api_error(exc, op)
-        except TransportError as exc:
-            raise KubernetesError(
-                f"cannot watch pods in namespace {self.namespace!r}: {transport_reason(exc)}",
-                fix="check the API server and the network path to it",
-            ) from exc
-        if refused is not None:
-            raise refused
+        response = api_stream(
+            self.api_client,
+            self._op("watch"),
+            PODS_PATH,
+            query={
+                "labelSelector": selector,
+                "watch": True,
+                "allowWatchBookmarks": True,
+                "timeoutSeconds": max(1, int(timeout_seconds)),
+                "resourceVersion": resource_version or None,
+            },
+            timeout=(self.request_timeout, timeout_seconds + self.request_timeout),
+        )
         with self._response_lock:
             self._response = response
         try:
@@ -326,41 +312,38 @@ class PodApi:
             api_request(
                 self.api_client,
                 self._op("delete", name),
-                self._core().delete_namespaced_pod,
-                name=name,
-                namespace=self.namespace,
+                "DELETE",
+                POD_PATH,
                 body=body,
-                _request_timeout=self.request_timeout,
+                timeout=self.request_timeout,
             )
         except KubernetesNotFoundError:
             return False
         return True
 
     def read_workload(self, *, kind: str, name: str) -> dict[str, Any]:
-        api = {"DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}[kind]
+        op = self._op("get", name, kind=kind)
         result: dict[str, Any] = api_request(
             self.api_client,
-            self._op("get", name, kind=kind),
-            getattr(self._apps(), f"read_namespaced_{api}"),
-            name=name,
-            namespace=self.namespace,
-            _request_timeout=self.request_timeout,
+            op,
+            "GET",
+            workload_path(op.resource),
+            timeout=self.request_timeout,
         )
         return result
 
     def annotate_workload(
         self, *, kind: str, name: str, annotations: Mapping[str, str | None]
     ) -> dict[str, Any]:
-        api = {"DaemonSet": "daemon_set", "StatefulSet": "stateful_set"}[kind]
+        op = self._op("patch", name, kind=kind)
         result: dict[str, Any] = api_request(
             self.api_client,
-            self._op("patch", name, kind=kind),
-            getattr(self._apps(), f"patch_namespaced_{api}"),
-            name=name,
-            namespace=self.namespace,
+            op,
+            "PATCH",
+            workload_path(op.resource),
+            query={"fieldManager": FIELD_MANAGER},
             body={"metadata": {"annotations": dict(annotations)}},
-            field_manager=FIELD_MANAGER,
-            _content_type=MERGE_PATCH,
-            _request_timeout=self.request_timeout,
+            content_type=MERGE_PATCH,
+            timeout=self.request_timeout,
         )
         return result

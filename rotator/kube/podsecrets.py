@@ -36,6 +36,7 @@ from rotator.kube.api import FIELD_MANAGER, MANAGED_BY_LABEL, b64, check_name, o
 from rotator.kube.secret import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_FINGERPRINT,
+    ANNOTATION_ROTATED_AT,
     delivery_annotations,
 )
 from rotator.targets import Delivery
@@ -136,6 +137,7 @@ class PodSecretInfo:
     admission_uid: str | None
     pod: str | None
     owner_pod_uid: str | None  # set once adopted
+    rotated_at: datetime | None = None  # when its token was written (refresh deadline)
 
     @classmethod
     def from_object(cls, secret: Mapping[str, Any]) -> PodSecretInfo:
@@ -164,4 +166,7 @@ class PodSecretInfo:
             admission_uid=annotations.get(ANNOTATION_ADMISSION_UID),
             pod=annotations.get(ANNOTATION_POD),
             owner_pod_uid=str(owner["uid"]) if owner and owner.get("uid") else None,
+            rotated_at=optional_timestamp(
+                annotations.get(ANNOTATION_ROTATED_AT), what=ANNOTATION_ROTATED_AT
+            ),
         )
