@@ -1,18 +1,24 @@
-"""End-to-end: the controller keeps a simulated DaemonSet enrolled, one token per start.
+"""End-to-end: the controller keeps a DaemonSet of agents enrolled, one token per start.
 
-The Kubernetes emulator (KubeSim), the LinuxGuard sandbox and the pod simulator
-(tests/podsim.py: the DaemonSet controller and the kubelets) run for real; the
-controller (``lg-rotate watch``) runs in a thread against them with a fast clock
-configuration. The scenario covers initial scheduling, full rollouts (one pod at a time
-and in bursts), node additions (staggered and in a burst), container restarts (staggered
-and in a burst), agents that keep retrying a refused token ("stuck": only a pod deletion
-recovers them), tokens nearing expiry (the sandbox clock is advanced), and node removals.
+A real control plane (tests/fixtures/cluster.py: etcd, kube-apiserver and
+kube-controller-manager, whose DaemonSet controller creates, recreates and rolls the agent
+pods on fake Nodes), the LinuxGuard sandbox and the pod simulator (tests/podsim.py: the
+scheduler's binding and the kubelets) run for real; the controller (``lg-rotate watch``)
+runs in a thread against them with a fast clock configuration. The scenario covers initial
+scheduling, full rollouts (one pod at a time and in bursts), node additions (staggered and
+in a burst), container restarts (staggered and in a burst), agents that keep retrying a
+refused token ("stuck": only a pod deletion recovers them), tokens nearing expiry (the
+sandbox clock is advanced), and node removals.
 
 Asserted: at least 100 container starts; every pod ends enrolled and Ready; no agent read
 an expired token or was refused as expired; every refused enrolment (409) was detected
 by the controller as a collision and recovered (the pod restarted with a fresh token, or
 its replacement enrolled); the Secret never holds a consumed token once things settle.
-The figures are printed (``pytest -s``) as one summary line.
+The figures are printed (``pytest -s``) as one summary line and the time of each step.
+
+``test_shared_secret_burst_baseline`` is issue 9's baseline at CI size: agent pods all
+starting at once on one shared Secret (``podsim.burst_shared_secret``, which
+benchmarks/webhook.py runs with 100 and 500 pods).
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from fixtures.kube import KubeCluster
-from podsim import PodSim, make_controller, trim_kubesim_history
+from fixtures.cluster import Cluster
+from podsim import BurstReport, PodSim, burst_shared_secret, make_controller
 from rotator.kube.controller import Controller
 from rotator.sandbox import SandboxServer
 
@@ -40,21 +46,15 @@ SIMULATION_SETTINGS: dict[str, Any] = {
     "deletion_burst": 6,
     "tick": 0.1,
     "max_backoff": 1.0,
-    # KubeSim re-sends a snapshot, not the events in between, when a watch is renewed:
-    # renew rarely, so this test sees every event as from a real API server.
-    "resync_seconds": 120,
+    "resync_seconds": 30,
 }
-
-
-@pytest.fixture(autouse=True)
-def _fast_kubesim(monkeypatch: pytest.MonkeyPatch) -> None:
-    trim_kubesim_history(monkeypatch)
 
 
 @pytest.fixture
 def running_controller(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer
 ) -> Iterator[Controller]:
+    k8s.require_controllers()  # the DaemonSet controller makes the pods
     controller = make_controller(k8s, k8s_namespace, sandbox, **SIMULATION_SETTINGS)
     stop = threading.Event()
     thread = threading.Thread(target=controller.run, kwargs={"stop": stop}, name="controller")
@@ -123,6 +123,8 @@ class Scenario:
         self.controller = controller
         self.sandbox = sandbox
         self.secret_expiry_checks = 0
+        self.steps: list[tuple[str, float]] = []  # (what, seconds since the previous settle)
+        self._mark = time.monotonic()
 
     def quiet(self) -> bool:
         if not self.sim.settled():
@@ -139,6 +141,9 @@ class Scenario:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.describe()}") from None
         self.check_secret_not_expired()
+        now = time.monotonic()
+        self.steps.append((what, now - self._mark))
+        self._mark = now
 
     def describe(self) -> str:
         status = self.controller.status()
@@ -149,11 +154,12 @@ class Scenario:
             lines.append(f"  reasons {self.controller._reasons}")
         owned = status.fingerprint in self.sandbox.owners()
         lines.append(f"secret token owned: {owned}; settled: {self.sim.settled()}")
+        current = self.sim.template_hash
         for node, pod in sorted(self.sim.live_pods().items()):
             lines.append(
                 f"  {node}: {pod.name} ready={pod.ready} enrolled={pod.enrolled} "
                 f"mode={pod.mode} restarts={pod.restart_count} "
-                f"current={pod.template_hash == self.sim.template_hash}"
+                f"current={pod.template_hash == current}"
             )
             if not pod.ready:
                 for attempt in self.sim.attempts:
@@ -192,7 +198,7 @@ class Scenario:
 
 
 def test_every_pod_start_gets_its_own_token(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running_controller: Controller,
@@ -291,8 +297,8 @@ def test_every_pod_start_gets_its_own_token(
     deleted_as_victims = {r.pod_uid for r in collisions if r.action == "delete"}
     for attempt in refused:
         pod = pods[attempt.pod_uid]
-        if pod.deleted_by_sim:
-            continue  # replaced by a rollout before the controller had to act
+        if pod.deleted_by_sim or (pod.deleted.is_set() and pod.uid not in deleted_as_victims):
+            continue  # a node removal or the DaemonSet's rollout replaced it first
         assert (
             attempt.pod_uid,
             attempt.container_id,
@@ -337,5 +343,39 @@ def test_every_pod_start_gets_its_own_token(
         f"{len(deleted_by_controller)} recovered by pod deletion, {len(restarted)} by "
         f"container restart, {status.rotations} rotations, enrolment rate "
         f"{first_try}/{len(attempts)} ({first_try / len(attempts):.0%}) on the first try, "
-        f"{results['ok'] / elapsed:.1f} enrolments/s, {elapsed:.1f}s"
+        f"{results['ok'] / elapsed:.1f} enrolments/s, {elapsed:.1f}s, rotations took "
+        f"{metrics['lg_rotate_rotation_duration_seconds_sum'] / status.rotations * 1000:.0f} ms"
+        " on average\n  steps: "
+        + ", ".join(f"{what} {seconds:.1f}s" for what, seconds in run.steps)
     )
+
+
+# Issue 9's baseline at CI size (benchmarks/webhook.py runs it with 100 and 500 pods).
+BURST_NODES = 24
+
+
+def test_shared_secret_burst_baseline(
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer
+) -> None:
+    """Agent pods starting at once on one shared Secret: they collide, ``watch`` recovers
+    every one (crash-loop restarts and pod deletions), single use holds throughout."""
+    k8s.require_controllers()
+    report: BurstReport = burst_shared_secret(
+        k8s, k8s_namespace, BURST_NODES, sandbox=sandbox, timeout=50
+    )
+    print(f"\nshared-Secret burst: {report.describe()}\n  {report.as_dict()}")
+
+    assert report.unenrolled == 0, report.describe()
+    assert report.pods >= BURST_NODES
+    assert report.starts >= BURST_NODES
+    # One Secret for many simultaneous starts: most of them read a token another pod used.
+    assert report.conflicts > 0
+    assert report.first_try < BURST_NODES
+    enrolments = sandbox.enrolments()
+    owners = collections.Counter(
+        r.fingerprint for r in enrolments if r.result == "ok" and r.fingerprint
+    )
+    assert max(owners.values()) == 1  # a token enrolled one workload at most
+    results = collections.Counter(r.result for r in enrolments)
+    assert results["expired"] == 0
+    assert results["unknown-token"] == 0
