@@ -13,7 +13,6 @@ import importlib.util
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import cast
 
 from providers.base import Provider, ProviderFactory
@@ -45,6 +44,8 @@ def discover() -> dict[str, ProviderInfo]:
 
 @functools.lru_cache(maxsize=4)
 def _discover(path: tuple[str, ...]) -> dict[str, ProviderInfo]:
+    from importlib.metadata import entry_points  # ~40 ms with the scan: only when listing
+
     found = {
         name: ProviderInfo(name=name, target=target, origin="built-in")
         for name, target in BUILTIN.items()
@@ -59,9 +60,12 @@ def _discover(path: tuple[str, ...]) -> dict[str, ProviderInfo]:
 
 def load(name: str) -> ProviderFactory:
     """The provider class for ``name`` (imports its module, not its SDK)."""
-    known = discover()
-    info = known.get(name)
+    if name in BUILTIN:  # no plugin may shadow a built-in: no need to scan distributions
+        info: ProviderInfo | None = ProviderInfo(name=name, target=BUILTIN[name], origin="built-in")
+    else:
+        info = discover().get(name)
     if info is None:
+        known = discover()
         raise UnknownProviderError(
             f"unknown provider {name!r}",
             fix=f"use one of {', '.join(sorted(known))} (lg-rotate providers lists them)",
@@ -97,8 +101,8 @@ def install_hint(factory: ProviderFactory) -> str:
     return "reinstall the package that provides this provider"
 
 
-def create(name: str, options: Mapping[str, str | None]) -> Provider:
-    """Build a ready provider, or say exactly which install fixes a missing SDK."""
+def require_installed(name: str) -> ProviderFactory:
+    """The provider class, or ProviderNotInstalledError naming the install that fixes it."""
     factory = load(name)
     missing = missing_modules(factory)
     if missing:
@@ -106,6 +110,12 @@ def create(name: str, options: Mapping[str, str | None]) -> Provider:
             f"provider {name!r} needs {', '.join(missing)}, which is not installed",
             fix=install_hint(factory),
         )
+    return factory
+
+
+def create(name: str, options: Mapping[str, str | None]) -> Provider:
+    """Build a ready provider, or say exactly which install fixes a missing SDK."""
+    factory = require_installed(name)
     for option in factory.options:
         if option.required and not options.get(option.key):
             env = f"LG_ROTATE_{option.key.upper()}"

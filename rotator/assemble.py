@@ -1,16 +1,22 @@
-"""Builds the runtime parts (provider, minter, target, lock) from resolved settings.
+"""The composition root: builds a command's parts from its resolved settings, in one place.
 
-The CLI parses; this module assembles; ``rotation`` runs. Each builder imports the
-module it needs only when called, so ``lg-rotate --help`` and the Vault path never
-import boto3, the GCP client or (with ``--target none``) the Kubernetes client.
+One direction::
+
+    flags, LG_ROTATE_*, native env, config file
+        -> config.resolve_command  (once: an immutable Settings, a Source per value)
+        -> assemble.compose        (checks every required setting at once, then builds the
+                                    provider, the minter, the Kubernetes parts, the Rotator;
+                                    derives the namespace from the kubeconfig context)
+        -> the command             (runs what it is given; cli prints the result)
+
+Each builder imports what it needs only when called, so ``lg-rotate --help`` and the Vault
+path never import boto3, the GCP client or (with ``--target none``) the Kubernetes client.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -18,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 from providers import registry
 from providers.base import Provider, ProviderOption
 from rotator import config
+from rotator.config import Setting, Settings, Source
 from rotator.errors import ConfigError
 from rotator.targets import Lock, Target
 from rotator.tokens import Secret
 
 if TYPE_CHECKING:
+    from rotator.kube.api import Connection
     from rotator.linuxguard import LinuxGuardClient
+    from rotator.rotation import Rotator
 
 BUILTIN_WITH_OPTIONS = ("vault", "aws", "gcp")
 API_KEY_ENV = "LINUXGUARD_API_KEY"
@@ -50,22 +59,11 @@ def secret_option_env(provider_name: str | None) -> frozenset[str]:
     return frozenset(name for option in options if option.secret for name in option.env_names)
 
 
-def option_settings(options: list[ProviderOption]) -> list[config.Setting]:
-    return [config.Setting(name=o.name, help=o.help, default=o.default, env=o.env) for o in options]
+def option_settings(options: list[ProviderOption]) -> list[Setting]:
+    return config.provider_option_settings(options)
 
 
-def parse_provider_option_flags(pairs: list[str] | None) -> dict[str, str]:
-    """``--provider-option key=value`` (repeatable) for plugin providers."""
-    result = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(
-                f"--provider-option expects KEY=VALUE, got {key or pair!r}",
-                fix="e.g. --provider-option path=team/linuxguard",
-            )
-        result[key.strip().replace("-", "_")] = value
-    return result
+parse_provider_option_flags = config.parse_provider_option_flags
 
 
 @dataclass
@@ -95,48 +93,7 @@ class ApiKeyVault:
 API_KEY = ApiKeyVault()
 
 
-def resolve_provider(
-    *, resolved: config.Resolved, flags: argparse.Namespace, config_file: Mapping[str, Any]
-) -> Provider:
-    name = resolved.provider
-    if not name:
-        raise ConfigError(
-            "no secrets store chosen (--provider)",
-            fix="pass --provider vault|aws|gcp|memory, or set LG_ROTATE_PROVIDER "
-            "(lg-rotate providers lists them)",
-        )
-    factory = registry.load(name)
-    # Built-in provider flags were parsed as ordinary flags; plugin options arrive as
-    # --provider-option pairs. Both go through the same precedence rules.
-    plugin_pairs = parse_provider_option_flags(getattr(flags, "provider_option", None))
-    merged = argparse.Namespace(**vars(flags))
-    for key, value in plugin_pairs.items():
-        setattr(merged, key, value)
-    options = config.resolve(
-        settings=option_settings(list(factory.options)),
-        flags=merged,
-        config_file={k: v for k, v in config_file.items() if k in {o.key for o in factory.options}},
-    )
-    return registry.create(name, {k: _as_text(v) for k, v in options.values.items()})
-
-
-def _as_text(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def build_minter(resolved: config.Resolved) -> LinuxGuardClient:
-    from rotator.linuxguard import LinuxGuardClient, load_api_key
-    from rotator.retrying import RetryPolicy
-
-    config.require(resolved, "linuxguard_url", why="where to mint tokens")
-    env = {"LINUXGUARD_API_KEY": API_KEY.from_env.reveal()} if API_KEY.from_env else {}
-    api_key = load_api_key(env=env, api_key_file=resolved.api_key_file)
-    return LinuxGuardClient(
-        base_url=resolved.linuxguard_url,
-        api_key=api_key,
-        timeout=resolved.http_timeout,
-        retry=RetryPolicy(budget=resolved.mint_budget),
-    )
+# --- the parts -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,32 +104,167 @@ class KubeParts:
     api_client: Any
 
 
-def build_kube(resolved: config.Resolved) -> KubeParts | None:
-    if resolved.target == "none":
-        return None
-    from rotator.kube.api import connect
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    """What a command runs with: its settings (final, with provenance) and built parts."""
+
+    settings: Settings
+    provider: Provider | None = None
+    minter: LinuxGuardClient | None = None
+    kube: KubeParts | None = None
+    rotator: Rotator | None = None
+
+    @property
+    def min_ttl(self) -> timedelta:
+        return min_ttl(self.settings)
+
+    def require_provider(self) -> Provider:
+        assert self.provider is not None, f"{self.settings.command} has no provider"
+        return self.provider
+
+    def require_minter(self) -> LinuxGuardClient:
+        assert self.minter is not None, f"{self.settings.command} has no minter"
+        return self.minter
+
+    def require_kube(self) -> KubeParts:
+        assert self.kube is not None, f"{self.settings.command} has no Kubernetes parts"
+        return self.kube
+
+    def require_rotator(self) -> Rotator:
+        assert self.rotator is not None, f"{self.settings.command} has no rotator"
+        return self.rotator
+
+
+def compose(settings: Settings) -> Parts:
+    """Check, then build, everything ``settings.command`` needs (see the module docstring).
+
+    Every missing required setting is reported in one ConfigError before anything is
+    built or contacted; then the provider (its SDK), the minter (the API key), the
+    Kubernetes connection (the namespace, if not given, from the kubeconfig context, else
+    the pod's, else ``default``) and the Rotator.
+    """
+    spec = config.COMMANDS[settings.command]
+    mints = spec.mints and not settings.get("from_store")
+    check_required(settings, mints=mints)
+    kube_wanted = spec.kube is not None and settings.get("target") != "none"
+    if spec.kube == "required" and not kube_wanted:
+        raise ConfigError(
+            f"{settings.command} works on the Kubernetes Secret", fix="drop --target none"
+        )
+    provider = build_provider(settings) if spec.store else None
+    minter = build_minter(settings) if mints else None
+    kube = None
+    if kube_wanted:
+        kube, settings = build_kube(settings)
+    rotator = None
+    if provider is not None and minter is not None:
+        from rotator.rotation import Rotator
+
+        rotator = Rotator(
+            minter=minter,
+            provider=provider,
+            tenant=settings.tenant,
+            target=kube.target if kube else None,
+            lock=kube.lock if kube else None,
+            min_ttl=min_ttl(settings),
+            ttl_seconds=settings.ttl,
+            keep_versions=settings.keep_versions,
+        )
+    return Parts(settings=settings, provider=provider, minter=minter, kube=kube, rotator=rotator)
+
+
+def check_required(settings: Settings, *, mints: bool) -> None:
+    """Raise one ConfigError listing every missing required setting of the command."""
+    spec = config.COMMANDS[settings.command]
+    wanted: list[tuple[str, str]] = []
+    if spec.store:
+        chosen = "no secrets store chosen: vault, aws, gcp, memory or a plugin"
+        wanted.append(("provider", f"{chosen}; lg-rotate providers lists them"))
+        wanted.append(("tenant", spec.why))
+    if mints:
+        wanted.append(("linuxguard_url", "where to mint tokens"))
+    if spec.store and settings.get("provider"):
+        factory = registry.require_installed(settings.provider)  # first: nothing else helps
+        wanted.extend(
+            (option.key, f"the {settings.provider} provider needs it")
+            for option in factory.options
+            if option.required
+        )
+    wanted.extend(spec.requires)
+    missing = [
+        (settings.declared[key], why)
+        for key, why in wanted
+        if key in settings.declared and settings.get(key) in (None, "")
+    ]
+    no_key = mints and API_KEY.from_env is None and not settings.get("api_key_file")
+    if not missing:
+        return  # a missing API key alone: load_api_key says so, in its own words
+    also = f"the LinuxGuard API key ({API_KEY_ENV} or --api-key-file)" if no_key else ""
+    raise config.missing_error(missing, also=also)
+
+
+def build_provider(settings: Settings) -> Provider:
+    return registry.create(settings.provider, settings.provider_option_values())
+
+
+def build_minter(settings: Settings) -> LinuxGuardClient:
+    from rotator.linuxguard import LinuxGuardClient, load_api_key
+    from rotator.retrying import RetryPolicy
+
+    config.require(settings, "linuxguard_url", why="where to mint tokens")
+    env = {API_KEY_ENV: API_KEY.from_env.reveal()} if API_KEY.from_env else {}
+    api_key = load_api_key(env=env, api_key_file=settings.api_key_file)
+    return LinuxGuardClient(
+        base_url=settings.linuxguard_url,
+        api_key=api_key,
+        timeout=settings.http_timeout,
+        retry=RetryPolicy(budget=settings.mint_budget),
+    )
+
+
+def build_kube(settings: Settings) -> tuple[KubeParts, Settings]:
+    """The Secret target and the Lease lock, and the settings with the namespace derived."""
+    from rotator.kube.api import open_connection
     from rotator.kube.lease import LeaseLock
     from rotator.kube.secret import SecretTarget
 
-    namespace = resolved.namespace or config.in_cluster_namespace() or "default"
-    api_client = connect(kubeconfig=resolved.kubeconfig, context=resolved.context)
+    connection = open_connection(kubeconfig=settings.kubeconfig, context=settings.context)
+    namespace, source = resolve_namespace(settings, connection)
+    if source != settings.source("namespace"):
+        settings = settings.derive("namespace", namespace, source)
     target = SecretTarget(
-        api_client=api_client,
+        api_client=connection.api_client,
         namespace=namespace,
-        name=resolved.secret,
-        token_key=resolved.token_key,
-        tenant_key=resolved.tenant_key,
+        name=settings.secret,
+        token_key=settings.token_key,
+        tenant_key=settings.tenant_key,
         events=True,  # a Rotated Event on the Secret per delivery (watch records its own)
     )
     lock = LeaseLock(
-        api_client=api_client,
+        api_client=connection.api_client,
         namespace=namespace,
-        secret_name=resolved.secret,
-        duration=resolved.lock_duration,
-        wait=resolved.lock_wait,
+        secret_name=settings.secret,
+        duration=settings.lock_duration,
+        wait=settings.lock_wait,
     )
-    return KubeParts(target=target, lock=lock, namespace=namespace, api_client=api_client)
+    parts = KubeParts(
+        target=target, lock=lock, namespace=namespace, api_client=connection.api_client
+    )
+    return parts, settings
 
 
-def min_ttl(resolved: config.Resolved) -> timedelta:
-    return timedelta(seconds=float(resolved.min_ttl))
+def resolve_namespace(settings: Settings, connection: Connection) -> tuple[str, Source]:
+    """kubectl's order: the setting (flag, LG_ROTATE_NAMESPACE, file), the kubeconfig
+    context's namespace, the pod's (in-cluster), ``default``."""
+    if settings.get("namespace"):
+        return settings.namespace, settings.source("namespace")
+    if connection.namespace:
+        return connection.namespace, Source("kubeconfig", connection.describe_context())
+    pod_namespace = config.in_cluster_namespace()
+    if pod_namespace:
+        return pod_namespace, Source("in-cluster", config.IN_CLUSTER_NAMESPACE_FILE)
+    return "default", config.DEFAULT
+
+
+def min_ttl(settings: Settings) -> timedelta:
+    return timedelta(seconds=float(settings.min_ttl))

@@ -28,6 +28,27 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # SIGINT / SIGTERM
 
 
+# What each exit code means, for `lg-rotate --help` (pip users have no README) and the
+# README table (tests/test_docs_drift.py keeps them in step).
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.INTERNAL: "internal error (a bug: please report it)",
+    ExitCode.CONFIG: "configuration: bad flags, missing settings, unreadable config file, "
+    "provider not installed",
+    ExitCode.LINUXGUARD: "LinuxGuard: unreachable after retries, or refused (400/401/403/404)",
+    ExitCode.TOKEN: "token rejected: malformed, another tenant's, expired or less than "
+    "--min-ttl left",
+    ExitCode.STORE: "secrets store: unreachable, permission denied, conflict, unreadable record",
+    ExitCode.KUBERNETES: "Kubernetes: API unreachable or refused, rollout not complete in "
+    "time; roll found no pods to roll; audit --cluster refused a list it needs",
+    ExitCode.LOCK: "lock: another rotation of the same Secret is running (a crashed one is "
+    "waited out)",
+    ExitCode.LAUNCH: "launch: exec/emit refused or could not start the command",
+    ExitCode.CHECK_FAILED: "check failed: status --check found problems, audit found anti-patterns",
+    ExitCode.INTERRUPTED: "interrupted",
+}
+
+
 class LgRotateError(Exception):
     """Base of every error lg-rotate raises on purpose."""
 
