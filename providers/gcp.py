@@ -713,7 +713,8 @@ class GcpProvider:
                 retry=False,
             )
             number = int(str(version.name).rsplit("/", 1)[-1])
-            log.info(
+            # DEBUG: the rotation logs the stored version itself (once, with the fingerprint)
+            log.debug(
                 "stored token %s for rotation %s as version %d of %s",
                 token.short_fingerprint,
                 rotation_id,

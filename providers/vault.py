@@ -367,7 +367,8 @@ class VaultProvider:
                     self._cas_attempts,
                 )
                 continue
-            logger.info("stored version %s at %s (rotation %s)", version, where, rotation_id)
+            # DEBUG: the rotation logs the stored version itself (once, with the fingerprint)
+            logger.debug("stored version %s at %s (rotation %s)", version, where, rotation_id)
             self._set_pending(path, version, where=where)
             return StoredRecord(
                 token=token,

@@ -5,7 +5,7 @@ The contract (DESIGN.md §3, README "LinuxGuard API"):
 * ``POST {base}/api/tokens/new`` with ``Authorization: Bearer <api key>`` and JSON
   ``{"tenantId": "...", "ttlSeconds": N?}``;
 * ``200``/``201`` JSON ``{"token", "tenantId", "expiresAt" (RFC 3339), "ttlSeconds"}``;
-* transient, retried within the budget: ``5xx``, ``408``, ``429`` (``Retry-After`` in
+* transient, retried until the budget is spent: ``5xx``, ``408``, ``429`` (``Retry-After`` in
   seconds or as an HTTP date is honoured), timeouts, refused/reset connections, DNS
   failures;
 * final: every other ``4xx`` (``400``/``401``/``403``/``404`` with a specific fix) and
@@ -94,9 +94,10 @@ class LinuxGuardClient:
     """Mints enrolment tokens from one LinuxGuard API endpoint.
 
     ``timeout`` bounds each HTTP attempt (connect and read); ``retry`` bounds the whole
-    call (attempts and seconds). ``clock`` is the wall clock the token's expiry is
-    checked against; ``ssl_context`` overrides the default certificate verification
-    (for a private CA).
+    call: transient failures are retried with backoff and jitter until its budget
+    (``--mint-budget``) is spent, however many attempts that takes. ``clock`` is the
+    wall clock the token's expiry is checked against; ``ssl_context`` overrides the
+    default certificate verification (for a private CA).
     """
 
     def __init__(
@@ -166,7 +167,7 @@ class LinuxGuardClient:
         ttl_seconds: int | None = None,
         deadline: float | None = None,
     ) -> EnrollToken:
-        """Mint a token for ``tenant_id``, retrying transient failures within the budget.
+        """Mint a token for ``tenant_id``; transient failures are retried until the budget ends.
 
         ``deadline`` (a time on the retry policy's monotonic clock) may shorten the
         budget further. Raises ``SourceUnavailableError`` when transient failures

@@ -8,10 +8,14 @@ Built on tenacity, with the rules lg-rotate needs everywhere it retries:
   failed together do not retry together;
 * a ``retry_after`` attribute on the exception (``TransientSourceError`` carries the
   server's ``Retry-After``) is a floor for the wait: the server asked for it;
-* the whole budget is bounded: no wait ends past the deadline (a monotonic time).
-  When the next wait would cross it, or ``max_attempts`` is reached, the policy gives
-  up with :class:`RetriesExhausted`, which carries the last error for the caller to turn
-  into its own error class (e.g. ``SourceUnavailableError``);
+* the budget (seconds, on a monotonic clock) is *the* bound: transient failures are
+  retried until it is spent, however many attempts that takes. No wait ends past the
+  deadline: when the jittered wait would cross it, the wait is shortened so that one
+  last attempt starts a little before the deadline (:meth:`RetryPolicy.final_reserve`).
+  ``max_attempts`` is an optional secondary cap (none by default). When the budget is
+  spent, the server's ``Retry-After`` points past it, or the cap is reached, the policy
+  gives up with :class:`RetriesExhausted`, which carries the last error for the caller to
+  turn into its own error class (e.g. ``SourceUnavailableError``);
 * each retry is logged at WARNING with the attempt count and the error's one-line
   message (lg-rotate messages never carry secrets; token-shaped text is redacted too).
 
@@ -68,10 +72,11 @@ class RetryPolicy:
 
     ``budget`` is the whole retry budget in seconds, measured from the start of
     :meth:`call`; pass ``deadline=`` to :meth:`call` to bound it further (the rotation
-    bounds it by the remaining TTL of a token it is delivering).
+    bounds it by the remaining TTL of a token it is delivering). ``max_attempts`` (None:
+    no cap) is a secondary safety; the budget is what ends the retries.
     """
 
-    max_attempts: int = 5
+    max_attempts: int | None = None
     base_delay: float = 0.5
     max_delay: float = 8.0
     budget: float = 60.0
@@ -80,8 +85,8 @@ class RetryPolicy:
     random: Callable[[], float] = field(default=_random.random, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1 (or None: no cap)")
         if self.base_delay < 0 or self.max_delay < 0 or self.budget < 0:
             raise ValueError("delays and budget must not be negative")
 
@@ -92,6 +97,19 @@ class RetryPolicy:
 
     def deadline_from_now(self) -> float:
         return self.clock() + self.budget
+
+    @staticmethod
+    def final_reserve(window: float) -> float:
+        """Seconds kept for the last attempt of a ``window``-second budget (<= 1 s).
+
+        A jittered wait that would cross the deadline is shortened to end this long
+        before it, so the budget is used up to its end rather than abandoned early; with
+        less than this left, the policy gives up.
+        """
+        return min(1.0, max(window, 0.0) / 10)
+
+    def _of(self, attempt: int) -> str:
+        return f"{attempt}" if self.max_attempts is None else f"{attempt} of {self.max_attempts}"
 
     def call(
         self,
@@ -112,14 +130,22 @@ class RetryPolicy:
         started = self.clock()
         own_deadline = started + self.budget
         limit = own_deadline if deadline is None else min(deadline, own_deadline)
+        reserve = self.final_reserve(limit - started)
         # Decide once per failed attempt whether to go on and how long to wait, so
         # that tenacity's stop and wait hooks agree whatever order they run in.
         decisions: dict[int, tuple[float | None, str]] = {}
+        last_scheduled = False  # the last attempt (just before the deadline) was granted
 
         def decide(state: tenacity.RetryCallState) -> tuple[float | None, str]:
+            nonlocal last_scheduled
             number = state.attempt_number
             if number not in decisions:
-                decisions[number] = self._decide(state, limit=limit)
+                if last_scheduled:
+                    decisions[number] = (None, "retry budget spent")
+                else:
+                    delay, reason, last = self._decide(state, limit=limit, reserve=reserve)
+                    last_scheduled = last
+                    decisions[number] = (delay, reason)
             return decisions[number]
 
         def stop(state: tenacity.RetryCallState) -> bool:
@@ -132,10 +158,9 @@ class RetryPolicy:
             error = _outcome_error(state)
             delay = decide(state)[0] or 0.0
             log.warning(
-                "%s failed (attempt %d of %d): %s; retrying in %.2fs",
+                "%s failed (attempt %s): %s; retrying in %.2fs",
                 describe,
-                state.attempt_number,
-                self.max_attempts,
+                self._of(state.attempt_number),
                 describe_error(error),
                 delay,
             )
@@ -145,10 +170,9 @@ class RetryPolicy:
             reason = decide(state)[1]
             elapsed = self.clock() - started
             log.warning(
-                "%s failed (attempt %d of %d): %s; giving up (%s)",
+                "%s failed (attempt %s): %s; giving up (%s)",
                 describe,
-                state.attempt_number,
-                self.max_attempts,
+                self._of(state.attempt_number),
                 describe_error(error),
                 reason,
             )
@@ -167,21 +191,28 @@ class RetryPolicy:
         )
         return retrying(fn)
 
-    def _decide(self, state: tenacity.RetryCallState, *, limit: float) -> tuple[float | None, str]:
-        """``(delay, "")`` to retry after ``delay``, or ``(None, reason)`` to give up."""
+    def _decide(
+        self, state: tenacity.RetryCallState, *, limit: float, reserve: float
+    ) -> tuple[float | None, str, bool]:
+        """``(delay, "", last)`` to retry after ``delay`` (``last``: the final attempt),
+        or ``(None, reason, False)`` to give up."""
         number = state.attempt_number
-        if number >= self.max_attempts:
-            return None, f"{self.max_attempts} attempts made"
+        if self.max_attempts is not None and number >= self.max_attempts:
+            return None, f"{self.max_attempts} attempts made", False
         delay = self.backoff(number)
-        retry_after = getattr(_outcome_error(state), "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > 0:
-            delay = max(delay, float(retry_after))
+        asked = getattr(_outcome_error(state), "retry_after", None)
+        retry_after = float(asked) if isinstance(asked, int | float) and asked > 0 else 0.0
+        delay = max(delay, retry_after)
         remaining = limit - self.clock()
-        if delay >= remaining:
-            if retry_after and float(retry_after) >= remaining:
-                return None, f"the server asked to wait {float(retry_after):.1f}s, past the budget"
-            return None, "retry budget spent"
-        return delay, ""
+        if retry_after and retry_after >= remaining:
+            return None, f"the server asked to wait {retry_after:.1f}s, past the budget", False
+        if remaining <= reserve or remaining <= 0:
+            return None, "retry budget spent", False
+        if delay > remaining - reserve:
+            # The jittered wait would cross the deadline: wait less, and make one last
+            # attempt just before it (never sooner than the server asked).
+            return max(remaining - reserve, retry_after), "", True
+        return delay, "", False
 
 
 def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
@@ -198,7 +229,7 @@ def retry_call(
     is_transient: Callable[[BaseException], bool],
     describe: str,
     deadline: float | None = None,
-    max_attempts: int = 5,
+    max_attempts: int | None = None,
     base_delay: float = 0.5,
     max_delay: float = 8.0,
     budget: float = 60.0,

@@ -88,6 +88,10 @@ class RotationReport:
     # The record delivered (None for a dry run), for callers that hand the token on
     # themselves (exec/emit). Not part of as_dict(): reports never carry the token.
     record: StoredRecord | None = None
+    # Whether the target existed before this run (False: this run created it, or a dry
+    # run would); None with no target. ``previous_fingerprint`` is then None too: there
+    # was no previous value, which is not the same as an unknown one.
+    target_existed: bool | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -96,6 +100,7 @@ class RotationReport:
             "rotationId": self.rotation_id,
             "fingerprint": self.fingerprint,
             "previousFingerprint": self.previous_fingerprint,
+            "targetExisted": self.target_existed,
             "store": self.store_location,
             "storeVersion": self.store_version,
             "target": self.target_location,
@@ -286,6 +291,7 @@ class Rotator:
             pruned=pruned,
             dry_run=False,
             record=record,
+            target_existed=(previous is not None) if self.target else None,
         )
 
     def _dry_run_report(
@@ -308,6 +314,7 @@ class Rotator:
             duration_seconds=time.monotonic() - started,
             pruned=0,
             dry_run=True,
+            target_existed=(state is not None) if self.target else None,
         )
 
 
@@ -325,7 +332,14 @@ class StatusReport:
     now: datetime
 
     @property
-    def in_sync(self) -> bool:
+    def in_sync(self) -> bool | None:
+        """Whether the target carries the store's current token; None with no target.
+
+        With no target (``--target none``) there is nothing to be in sync with: the
+        answer is "not applicable", and :meth:`problems` judges the store alone.
+        """
+        if self.target_location is None:
+            return None
         if self.current is None or self.target is None:
             return False
         return self.target.fingerprint == self.current.fingerprint

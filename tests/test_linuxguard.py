@@ -215,7 +215,10 @@ def test_a_deadline_shorter_than_the_budget_wins(sandbox: SandboxServer) -> None
     with pytest.raises(SourceUnavailableError, match="budget spent"):
         client.mint(tenant_id="acme", min_ttl=MIN_TTL, deadline=fake.now + 1.2)
     assert sum(fake.sleeps) <= 1.2
-    assert fake.sleeps == [0.5]
+    # 0.5, then the 1.0 s wait is cut short: one last attempt just before the deadline
+    assert fake.sleeps[0] == 0.5
+    assert len(fake.sleeps) == 2
+    assert sum(fake.sleeps) == pytest.approx(1.2 - 0.12)  # 0.12: the final reserve
 
 
 # --- final answers --------------------------------------------------------------------------
@@ -481,7 +484,8 @@ def test_policy_never_waits_past_the_budget() -> None:
             flaky, is_transient=transient, describe="op"
         )
     assert sum(fake.sleeps) <= 10
-    assert fake.sleeps == [1.0, 2.0, 4.0]
+    # the fourth wait (4 s, 3 s left) is cut to end 1 s (the final reserve) before the end
+    assert fake.sleeps == [1.0, 2.0, 4.0, 2.0]
 
 
 def test_policy_logs_each_retry_at_warning_without_secrets(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -11,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ from rotator.kube.api import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SECRET_NAME,
     FIELD_MANAGER,
+    LEASE_PATH,
+    LEASES_PATH,
     MANAGED_BY_LABEL,
     MAX_CONFLICTS,
     MERGE_PATCH,
@@ -47,6 +50,26 @@ logger = logging.getLogger("lg_rotate.kube")
 
 LEASE_PREFIX = "lg-rotate-"
 DEFAULT_LEASE_DURATION = 60.0
+# A holder renews every third of its lease duration, and at least this often, so that a
+# rotation finding the lock held can tell a running holder from a crashed one quickly.
+MAX_RENEW_INTERVAL = 5.0
+# The interval a holder renews at, written on the Lease when it takes it (older lg-rotate
+# releases did not write it: they renewed every third of leaseDurationSeconds).
+RENEW_INTERVAL_ANNOTATION = "linuxguard.io/lock-renew-seconds"
+# A holder is judged to have stopped renewing when it has been silent for its renew
+# interval plus this much again (at least STALE_GRACE_MIN seconds): API latency on a busy
+# cluster delays a renewal, it does not skip one.
+STALE_GRACE_MIN = 2.0
+
+
+def renew_interval_for(duration_seconds: float) -> float:
+    """How often a holder renews a Lease of this duration: a third of it, at most 5 s."""
+    return min(duration_seconds / 3, MAX_RENEW_INTERVAL)
+
+
+def stale_after(renew_interval: float) -> float:
+    """Seconds without a renewal after which a holder counts as stopped (crashed, killed)."""
+    return renew_interval + max(STALE_GRACE_MIN, renew_interval)
 
 
 # --- the Lease lock --------------------------------------------------------------------
@@ -60,12 +83,44 @@ class LeaseHolder:
     acquired_at: datetime | None
     renewed_at: datetime | None
     duration: timedelta
+    # The interval the holder said it renews at (RENEW_INTERVAL_ANNOTATION), if it did.
+    renew_every: float | None = field(default=None, compare=False)
 
     @property
     def expires_at(self) -> datetime:
         """When the lock lapses unless renewed (``renewTime + leaseDurationSeconds``)."""
         base = self.renewed_at or self.acquired_at or datetime.min.replace(tzinfo=UTC)
         return base + self.duration
+
+    @property
+    def last_sign_of_life(self) -> datetime | None:
+        """The holder's last ``renewTime`` (or ``acquireTime``), on the holder's clock."""
+        return self.renewed_at or self.acquired_at
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between the holder's renewals (a third of the duration when unannounced)."""
+        if self.renew_every is not None and self.renew_every > 0:
+            return self.renew_every
+        return self.duration.total_seconds() / 3
+
+
+@dataclass(kw_only=True)
+class _HolderWatch:
+    """What :meth:`LeaseLock.acquire` saw of one holder while it waited."""
+
+    identity: str
+    renewed_at: datetime | None  # the last renewTime read
+    seen_renewing_at: datetime | None = None  # our clock, when renewTime last moved
+    announced_stale: bool = False  # the "stopped renewing" warning was logged
+    announced_wait: bool = False  # the "running; waiting" line was logged (--lock-wait)
+
+    def silent_for(self, holder: LeaseHolder, now: datetime) -> float:
+        """Seconds since the holder last renewed, as best known."""
+        if self.seen_renewing_at is not None:  # seen on our own clock: no skew
+            return (now - self.seen_renewing_at).total_seconds()
+        last = holder.last_sign_of_life
+        return 0.0 if last is None else (now - last).total_seconds()
 
 
 def default_identity() -> str:
@@ -97,13 +152,32 @@ class LeaseLock:
     exists and is free (no holder), expired (``renewTime + leaseDurationSeconds`` is in
     the past) or already ours, lg-rotate patches itself in, carrying the
     ``resourceVersion`` it read: the API server answers 409 if anyone else changed the
-    Lease meanwhile, and lg-rotate re-reads instead of overwriting. Otherwise the lock is
-    held by a live holder: lg-rotate fails with exit code 7 (LockError) naming the holder
-    and when its lock expires, or, with ``wait`` (``--lock-wait SECONDS``), polls until the
-    holder releases it, it expires, or the wait runs out.
+    Lease meanwhile, and lg-rotate re-reads instead of overwriting.
 
-    **Holding.** While the lock is held, a background thread renews it every third of its
-    duration (``renewTime`` = now), so long operations (a rollout wait) keep it. If a
+    **A held lock: running or crashed?** Otherwise someone else holds an unexpired Lease,
+    and lg-rotate polls it (every ``poll_interval``) to tell a running holder from one
+    that died without releasing (SIGKILL, OOM, node drain):
+
+    * the holder *renews* (``renewTime`` moves while lg-rotate watches): it is running.
+      lg-rotate fails with exit code 7 (LockError) naming the holder, as soon as it has
+      seen the renewal, so within one renew interval; with ``wait`` (``--lock-wait
+      SECONDS``) it keeps polling until the holder releases, or the wait runs out;
+    * the holder has *stopped renewing*: ``renewTime`` is older than its renew interval
+      plus as much again (:func:`stale_after`; at least 2 s more), whether it was that old
+      at the first look or stopped moving while lg-rotate watched. lg-rotate logs one
+      warning (who holds it, since when it has not renewed, how long it waits) and waits
+      for the Lease to lapse, at most ``leaseDurationSeconds`` after that last renewal,
+      then takes it over. A retry after a crash thus succeeds without flags. If the holder
+      renews after all, it is running (above);
+    * the holder releases meanwhile: lg-rotate takes the lock.
+
+    The renew interval is the one the holder wrote on the Lease when it took it
+    (annotation ``linuxguard.io/lock-renew-seconds``: a third of its duration, at most
+    5 s, :func:`renew_interval_for`), else a third of ``leaseDurationSeconds`` (the
+    cadence of releases that did not write it).
+
+    **Holding.** While the lock is held, a background thread renews it every renew
+    interval (``renewTime`` = now), so long operations (a rollout wait) keep it. If a
     renewal finds someone else holding the Lease, the lock is *lost*: this is logged as an
     error and :meth:`ensure_held` raises LockError from then on.
 
@@ -111,10 +185,12 @@ class LeaseLock:
     lg-rotate clears ``holderIdentity`` (only if it still holds the Lease), so the next
     rotation need not wait for the expiry. The Lease object itself stays. If lg-rotate
     dies without releasing (SIGKILL, node loss), the lock expires ``leaseDurationSeconds``
-    after its last renewal and the next rotation takes it over.
+    after its last renewal; the next rotation waits for that (see above) and takes it over.
 
     **Caveat.** Expiry is judged with the local clock against the holder's ``renewTime``:
-    keep node clocks in sync (NTP), as for any Kubernetes lease.
+    keep node clocks in sync (NTP), as for any Kubernetes lease. (A renewal seen while
+    polling is judged on the local clock alone, so skew never makes a running holder look
+    crashed for longer than one poll.)
 
     RBAC: ``get``, ``create`` and ``patch`` on ``leases`` (``coordination.k8s.io``) in the
     Secret's namespace (``patch`` may be scoped with ``resourceNames``).
@@ -147,6 +223,7 @@ class LeaseLock:
         self.secret_name = check_name(secret_name, what="the Secret name")
         self.name = lease_name_for(secret_name)
         self.duration_seconds = max(1, round(duration))
+        self.renew_interval = renew_interval_for(self.duration_seconds)
         self.wait = wait
         self.poll_interval = max(poll_interval, 0.01)
         self.identity = identity or default_identity()
@@ -174,40 +251,40 @@ class LeaseLock:
             writes=False,
         )
 
-    def _api(self) -> Any:
-        from kubernetes import client
-
-        return client.CoordinationV1Api(self.api_client)
-
     def _read(self) -> dict[str, Any] | None:
         try:
             lease: dict[str, Any] = api_request(
-                self.api_client,
-                self._op("get"),
-                self._api().read_namespaced_lease,
-                name=self.name,
-                namespace=self.namespace,
-                _request_timeout=self.request_timeout,
+                self.api_client, self._op("get"), "GET", LEASE_PATH, timeout=self.request_timeout
             )
         except KubernetesNotFoundError:
             return None
         return lease
 
-    def _patch(self, lease: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    def _patch(
+        self,
+        lease: Mapping[str, Any],
+        spec: Mapping[str, Any],
+        *,
+        annotations: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         version = (lease.get("metadata") or {}).get("resourceVersion")
         body: dict[str, Any] = {"spec": dict(spec)}
+        metadata: dict[str, Any] = {}
         if version:
-            body["metadata"] = {"resourceVersion": version}
+            metadata["resourceVersion"] = version
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        if metadata:
+            body["metadata"] = metadata
         result: dict[str, Any] = api_request(
             self.api_client,
             self._op("patch"),
-            self._api().patch_namespaced_lease,
-            name=self.name,
-            namespace=self.namespace,
+            "PATCH",
+            LEASE_PATH,
+            query={"fieldManager": FIELD_MANAGER},
             body=body,
-            field_manager=FIELD_MANAGER,
-            _content_type=MERGE_PATCH,
-            _request_timeout=self.request_timeout,
+            content_type=MERGE_PATCH,
+            timeout=self.request_timeout,
         )
         return result
 
@@ -217,12 +294,18 @@ class LeaseLock:
         if not identity:
             return None
         seconds = spec.get("leaseDurationSeconds") or self.duration_seconds
+        annotations = (lease.get("metadata") or {}).get("annotations") or {}
         return LeaseHolder(
             identity=str(identity),
             acquired_at=optional_timestamp(spec.get("acquireTime"), what="Lease acquireTime"),
             renewed_at=optional_timestamp(spec.get("renewTime"), what="Lease renewTime"),
             duration=timedelta(seconds=int(seconds)),
+            renew_every=_seconds(annotations.get(RENEW_INTERVAL_ANNOTATION)),
         )
+
+    def _announcement(self) -> dict[str, str]:
+        """The annotation a new holder writes: how often it renews."""
+        return {RENEW_INTERVAL_ANNOTATION: f"{self.renew_interval:g}"}
 
     # --- public ---
 
@@ -265,6 +348,7 @@ class LeaseLock:
                         "name": self.name,
                         "namespace": self.namespace,
                         "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+                        "annotations": self._announcement(),
                     },
                     "spec": {**spec, "leaseTransitions": 0},
                 }
@@ -272,11 +356,11 @@ class LeaseLock:
                     api_request(
                         self.api_client,
                         self._op("create"),
-                        self._api().create_namespaced_lease,
-                        namespace=self.namespace,
+                        "POST",
+                        LEASES_PATH,
+                        query={"fieldManager": FIELD_MANAGER},
                         body=body,
-                        field_manager=FIELD_MANAGER,
-                        _request_timeout=self.request_timeout,
+                        timeout=self.request_timeout,
                     )
                 except KubernetesConflictError:
                     continue  # created by someone else meanwhile: look at it
@@ -288,7 +372,11 @@ class LeaseLock:
             if holder is None or holder.identity != self.identity:
                 transitions += 1
             try:
-                self._patch(lease, {**spec, "leaseTransitions": transitions})
+                self._patch(
+                    lease,
+                    {**spec, "leaseTransitions": transitions},
+                    annotations=self._announcement(),
+                )
             except (KubernetesConflictError, KubernetesNotFoundError):
                 continue  # changed or deleted meanwhile: look again
             if holder is not None and holder.identity != self.identity:
@@ -306,8 +394,14 @@ class LeaseLock:
         )
 
     def acquire(self) -> None:
-        """Take the lock, waiting up to ``wait`` seconds for a live holder; else LockError."""
+        """Take the lock; wait out a holder that stopped renewing; else LockError.
+
+        See the class docstring ("A held lock: running or crashed?"): a running holder
+        (seen renewing) gives LockError once ``wait`` seconds have passed (at once by
+        default); a holder that stopped renewing is waited for until its Lease lapses.
+        """
         deadline = self.clock() + timedelta(seconds=self.wait)
+        watch: _HolderWatch | None = None
         while True:
             holder = self.try_acquire()
             if holder is None:
@@ -317,25 +411,75 @@ class LeaseLock:
                 )
                 return
             now = self.clock()
-            if now >= deadline:
-                waited = f" after waiting {self.wait:g}s" if self.wait else ""
-                raise LockError(
-                    f"Secret {self.namespace}/{self.secret_name} is locked by {holder.identity}"
-                    f"{waited} (Lease {self.namespace}/{self.name}, expires "
-                    f"{format_timestamp(holder.expires_at)} unless renewed)",
-                    fix="another rotation is running: let it finish, or pass --lock-wait SECONDS; "
-                    "a crashed holder's lock lapses by itself at that time",
+            if watch is None or watch.identity != holder.identity:
+                watch = _HolderWatch(identity=holder.identity, renewed_at=holder.renewed_at)
+                logger.debug(
+                    "lock Lease %s/%s is held by %s (last renewed %s, renews every %gs): "
+                    "watching whether it renews",
+                    self.namespace,
+                    self.name,
+                    holder.identity,
+                    _when(holder.last_sign_of_life),
+                    holder.renew_interval,
                 )
-            remaining = (deadline - now).total_seconds()
+            elif holder.renewed_at != watch.renewed_at:
+                watch.renewed_at = holder.renewed_at
+                watch.seen_renewing_at = now
+                if watch.announced_stale:
+                    logger.warning(
+                        "%s renewed lock Lease %s/%s after all: it is running",
+                        holder.identity,
+                        self.namespace,
+                        self.name,
+                    )
+                    watch.announced_stale = False
             until_expiry = max((holder.expires_at - now).total_seconds(), 0.0)
-            logger.info(
-                "lock Lease %s/%s is held by %s; waiting (up to %.0fs more)",
-                self.namespace,
-                self.name,
-                holder.identity,
-                remaining,
-            )
-            self.sleep(max(min(self.poll_interval, remaining, until_expiry + 0.01), 0.0))
+            silent = watch.silent_for(holder, now)
+            stale = silent > stale_after(holder.renew_interval)
+            running = watch.seen_renewing_at is not None and not stale
+            pause = min(self.poll_interval, until_expiry + 0.01)
+            if stale and not watch.announced_stale:
+                watch.announced_stale = True
+                logger.warning(
+                    "lock Lease %s/%s is held by %s, which has not renewed it since %s (%.0fs "
+                    "ago; a running holder renews every %gs): it looks crashed, waiting up to "
+                    "%.0fs (until %s) for its lease to lapse, then taking the lock over",
+                    self.namespace,
+                    self.name,
+                    holder.identity,
+                    _when(holder.last_sign_of_life),
+                    silent,
+                    holder.renew_interval,
+                    until_expiry,
+                    format_timestamp(holder.expires_at),
+                )
+            elif running:
+                remaining = (deadline - now).total_seconds()
+                if remaining <= 0:
+                    raise self._held_by(holder)
+                pause = min(pause, remaining)
+                if not watch.announced_wait:  # once per holder, not once per poll
+                    watch.announced_wait = True
+                    logger.info(
+                        "lock Lease %s/%s is held by %s, which is running; waiting (up to "
+                        "%.0fs more)",
+                        self.namespace,
+                        self.name,
+                        holder.identity,
+                        remaining,
+                    )
+            self.sleep(max(pause, 0.0))
+
+    def _held_by(self, holder: LeaseHolder) -> LockError:
+        waited = f" after waiting {self.wait:g}s" if self.wait else ""
+        return LockError(
+            f"Secret {self.namespace}/{self.secret_name} is locked by {holder.identity}"
+            f"{waited}, which is running (it renewed Lease {self.namespace}/{self.name} at "
+            f"{_when(holder.renewed_at)}; it expires {format_timestamp(holder.expires_at)} "
+            "unless renewed)",
+            fix="another rotation is running: let it finish, or pass --lock-wait SECONDS to "
+            "wait for it",
+        )
 
     def renew(self) -> None:
         """Refresh ``renewTime``; LockError if someone else holds the Lease now."""
@@ -384,7 +528,7 @@ class LeaseLock:
         return False
 
     def _renew_forever(self) -> None:
-        interval = self.duration_seconds / 3
+        interval = self.renew_interval
         while not self._stop_renewing.wait(interval):
             try:
                 self.renew()
@@ -426,3 +570,16 @@ class LeaseLock:
                     self.duration_seconds,
                     exc.one_line(),
                 )
+
+
+def _when(value: datetime | None) -> str:
+    return format_timestamp(value) if value is not None else "never"
+
+
+def _seconds(text: object) -> float | None:
+    """A positive number of seconds from an annotation, or None."""
+    try:
+        value = float(str(text))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None

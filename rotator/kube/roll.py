@@ -25,6 +25,10 @@ created after the roll started is skipped too (it already read a token of its ow
 A rerun after the DaemonSet's template changed (another generation), after the roll
 completed, or with ``restart=True`` starts a new roll.
 
+A DaemonSet with no scheduled pods is an error (NoPodsToRollError, exit 6), raised before
+anything is minted or recorded: "0 pods rolled" would hide a wrong name, namespace or
+nodeSelector.
+
 RBAC: ``get`` and ``patch`` on ``daemonsets.apps``, ``list`` and ``delete`` on ``pods``,
 plus what the rotation needs. Only DaemonSets are supported: a Deployment's or
 StatefulSet's replacement pods are not tied to a node (use ``rotate --restart`` with the
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ROLL_STATE_ANNOTATION",
+    "NoPodsToRollError",
     "RollInterruptedError",
     "RollProgress",
     "RollReport",
@@ -78,6 +83,10 @@ class RollInterruptedError(LgRotateError):
     """The roll was stopped before it finished; rerunning it resumes."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class NoPodsToRollError(KubernetesError):
+    """The DaemonSet has no scheduled pods: a roll would do nothing (exit 6)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,12 +378,25 @@ class _Roller:
         generation = metadata.get("generation")
         generation = int(generation) if generation is not None else None
         previous = _RollState.load((metadata.get("annotations") or {}).get(ROLL_STATE_ANNOTATION))
-        if (
+        resumable = (
             previous is not None
             and not restart
             and not previous.completed
             and previous.generation == generation
-        ):
+        )
+        if not self.pods_by_node() and not (resumable and previous and previous.inflight):
+            # Checked before any state is written: a roll started now would record a start
+            # time that makes the pods created later look already rolled.
+            desired = (workload.get("status") or {}).get("desiredNumberScheduled")
+            wanted = f", {desired} desired" if desired is not None else ""
+            raise NoPodsToRollError(
+                f"{self.workload} in namespace {self.namespace!r} has no scheduled pods "
+                f"(selector {self.selector}{wanted}): nothing to roll",
+                fix=f"check its pods (kubectl -n {self.namespace} get pods -l '{self.selector}' "
+                "-o wide), its nodeSelector and tolerations, and --namespace; to refresh only "
+                "the Secret, run lg-rotate rotate",
+            )
+        if resumable and previous is not None:
             self.state, self.resumed = previous, True
             log.info(
                 "resuming roll %s of %s started %s (%d nodes done)",
@@ -540,9 +562,10 @@ def roll(
 
     ``kind``/``name`` as in ``daemonset/NAME`` (``ds`` accepted). ``restart`` ignores a
     recorded unfinished roll and starts a new one. ``stop`` interrupts between steps
-    (RollInterruptedError; a rerun resumes). Raises RolloutTimeoutError when a
-    replacement is not Ready within ``timeout_per_pod`` seconds (the roll stays
-    resumable), and the rotation's own errors.
+    (RollInterruptedError; a rerun resumes). Raises NoPodsToRollError (exit 6) when the
+    DaemonSet has no scheduled pods, before anything is minted or recorded;
+    RolloutTimeoutError when a replacement is not Ready within ``timeout_per_pod`` seconds
+    (the roll stays resumable); and the rotation's own errors.
     """
     canonical, name = parse_workload_ref(f"{kind}/{name}")
     if canonical != "daemonset":
