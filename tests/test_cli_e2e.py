@@ -1,9 +1,10 @@
 """``lg-rotate`` end to end, as a subprocess, against real servers.
 
-LinuxGuard sandbox -> OpenBao / moto / the GCP gRPC fake -> the Kubernetes emulator. For
-every provider: a rotation leaves the same valid token in the store and in the Secret,
-with the documented annotations; final errors change nothing; nothing printed contains
-the token; a held lock is exit 7.
+LinuxGuard sandbox -> OpenBao / moto / the GCP gRPC fake -> a real kube-apiserver
+(tests/fixtures/cluster.py). For every provider: a rotation leaves the same valid token in
+the store and in the Secret, with the documented annotations; final errors change nothing
+(not even the Secret's resourceVersion); nothing printed contains the token; a held Lease is
+exit 7; a second rotation patches the Secret under the resourceVersion it read.
 """
 
 from __future__ import annotations
@@ -204,3 +205,30 @@ def test_the_cli_removes_the_api_key_and_never_logs_the_token(
     assert sandbox.api_key not in result.stdout + result.stderr
     secret = cluster["k8s"].get("v1/secrets", cluster["namespace"], "linuxguard-enroll")
     assert token not in json.dumps(secret["metadata"])  # annotations carry fingerprints only
+
+
+def test_a_second_rotation_patches_the_secret_under_the_version_it_read(
+    sandbox, cluster, vault_env, vault_provider
+):
+    env = cli_env(vault_env, sandbox, cluster)
+    args = [*rotate_args("vault", sandbox, cluster), "--log-level", "info", "--log-format", "json"]
+    first = lg(args, env=env)
+    assert first.returncode == 0, first.stderr
+    before = cluster["k8s"].get("v1/secrets", cluster["namespace"], "linuxguard-enroll")
+    second = lg(args, env=env)
+    assert second.returncode == 0, second.stderr
+    after = cluster["k8s"].get("v1/secrets", cluster["namespace"], "linuxguard-enroll")
+
+    version_before = before["metadata"]["resourceVersion"]
+    version_after = after["metadata"]["resourceVersion"]
+    assert version_after != version_before
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
+    patched = [line for line in second.stderr.splitlines() if "patched Secret" in line]
+    assert len(patched) == 1
+    assert f"(resourceVersion {version_before} -> {version_after})" in patched[0]
+    assert "without a conflict check" not in first.stderr + second.stderr
+    # The API server records who wrote what: lg-rotate is the manager of the fields it sets.
+    managers = {entry["manager"] for entry in after["metadata"]["managedFields"]}
+    assert "lg-rotate" in managers
+    token = vault_provider.read(tenant=TENANT, stage=Stage.CURRENT).token.value.reveal()
+    assert_not_leaked(token, first.stdout, first.stderr, second.stdout, second.stderr)

@@ -3,7 +3,8 @@
 Parametrised over memory, vault (real OpenBao), aws (moto server), gcp (the in-repo gRPC
 fake) and a third-party plugin loaded through the ``lg_rotate.providers`` entry point
 (tests/plugin_dist). The second half runs the crash-safe rotation protocol over each
-provider with a crash injected at every step boundary, into the Kubernetes emulator.
+provider with a crash injected at every step boundary, into a Secret on the real
+kube-apiserver of tests/fixtures/cluster.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from providers import registry
-from providers.base import Provider, Stage
+from providers.base import Provider, Stage, check_store
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import StoreConflictError, StoreError
 from rotator.kube.secret import SecretTarget
@@ -62,6 +63,20 @@ def test_is_a_provider(provider):
 
 def test_empty_store_reads_none(provider):
     assert provider.read(tenant="acme", stage=Stage.CURRENT) is None
+    assert provider.read(tenant="acme", stage=Stage.PENDING) is None
+
+
+def test_the_preflight_check_passes_and_writes_nothing(provider):
+    # Before a mint the rotator proves the store usable (providers.base.check_store): the
+    # provider's check(), or a read for a plugin without one. A tenant with no record yet
+    # is fine (its first write creates it) and the check itself writes nothing.
+    check_store(provider, tenant="acme")
+    assert provider.read(tenant="acme", stage=Stage.CURRENT) is None
+    assert provider.read(tenant="acme", stage=Stage.PENDING) is None
+    record = provider.write_pending(tenant="acme", token=token(1), rotation_id=str(uuid.uuid4()))
+    provider.promote(tenant="acme", version=record.version)
+    check_store(provider, tenant="acme")
+    assert provider.read(tenant="acme", stage=Stage.CURRENT).version == record.version
     assert provider.read(tenant="acme", stage=Stage.PENDING) is None
 
 

@@ -1,10 +1,13 @@
 """The controller (rotator.controller) and its metrics (rotator.metrics).
 
 Pure parts first (the token timeline, start attribution, the collision rules, pod status
-parsing, the deletion rate limit, the metrics exposition), then the controller against
-KubeSim and the LinuxGuard sandbox: leader election with an injected clock, the HTTP
-endpoints, Events, expiry rotations, failures and backoff, the startup check, and a
-relist after a watch error. The full pod simulation is in test_simulation.py.
+parsing, the deletion rate limit, the metrics exposition, the relist after 410 Gone), then
+the controller against the real control plane (tests/fixtures/cluster.py) and the LinuxGuard
+sandbox: leader election on a real Lease (an injected clock; two replicas racing), the HTTP
+endpoints, real core/v1 Events on the Secret, expiry rotations, failures and backoff, the
+startup check, real label selectors, watch renewals, and the shipped agent DaemonSet whose
+pods the real DaemonSet controller makes (tests/fakekubelet.py binds them and plays their
+kubelets). The full pod simulation is in test_simulation.py.
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import yaml
+from fakekubelet import FakeKubelet
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures.kube import KubeCluster
-from podsim import make_controller, make_rotator, trim_kubesim_history
+from fixtures.cluster import Cluster
+from podsim import make_controller, make_rotator
 from rotator.errors import ConfigError, KubernetesError
 from rotator.kube import controller as ctl
 from rotator.kube.collisions import (
@@ -47,17 +55,13 @@ from rotator.metrics import Counter, Gauge, Histogram, MetricsServer, Registry
 from rotator.sandbox import SandboxServer
 from rotator.tokens import format_timestamp
 
+T = TypeVar("T")
 T0 = datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)
 TOLERANCE = timedelta(seconds=1)
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture(autouse=True)
-def _fast_kubesim(monkeypatch: pytest.MonkeyPatch) -> None:
-    trim_kubesim_history(monkeypatch)
 
 
 # --- the token timeline ----------------------------------------------------------------
@@ -390,7 +394,19 @@ class ScriptedPods:
         self.watches.append(resource_version)
         if len(self.watches) == 1:
             yield {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "v1b"}}}
-            yield {"type": "ERROR", "object": {"kind": "Status", "code": 410}}
+            # What kube-apiserver's watch cache sends for a resourceVersion it no longer has.
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": "too old resource version: 1 (230)",
+                    "reason": "Expired",
+                    "code": 410,
+                },
+            }
         else:
             self.term.stop.set()
 
@@ -399,6 +415,9 @@ class ScriptedPods:
 
 
 def test_the_watcher_relists_after_410_gone() -> None:
+    # Scripted, not the real server: its watch cache answers 410 only for a resourceVersion
+    # older than its window, which starts at the (fresh) etcd's first revision and grows while
+    # events are under 75 s old, so a test cannot make it expire one on demand.
     controller = offline_controller()
     term = ctl._Term(started=at(0))
     scripted = ScriptedPods(term)
@@ -456,7 +475,18 @@ def test_controller_settings_are_checked(overrides: dict[str, Any], complaint: s
 # --- metrics ---------------------------------------------------------------------------
 
 
+def samples(text: str) -> dict[str, float]:
+    """``{'name{label="value"}': value}`` of a Prometheus text exposition."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            found[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return found
+
+
 def test_metrics_exposition_format() -> None:
+    """prometheus_client's text format, in registration order, no ``*_created`` series."""
     registry = Registry()
     rotations = registry.register(
         Counter("x_rotations_total", "Rotations.", ["result"], initial=[{"result": "failed"}])
@@ -472,8 +502,8 @@ def test_metrics_exposition_format() -> None:
     assert text.splitlines() == [
         "# HELP x_rotations_total Rotations.",
         "# TYPE x_rotations_total counter",
-        'x_rotations_total{result="failed"} 0',
-        'x_rotations_total{result="minted"} 3',
+        'x_rotations_total{result="failed"} 0.0',
+        'x_rotations_total{result="minted"} 3.0',
         '# HELP x_ttl_seconds TTL "left"\\nnow.',
         "# TYPE x_ttl_seconds gauge",
         "x_ttl_seconds 12.5",
@@ -481,16 +511,36 @@ def test_metrics_exposition_format() -> None:
         "# TYPE x_unknown gauge",
         "# HELP x_latency_seconds Latency.",
         "# TYPE x_latency_seconds histogram",
-        'x_latency_seconds_bucket{le="0.1"} 1',
-        'x_latency_seconds_bucket{le="1"} 2',
-        'x_latency_seconds_bucket{le="+Inf"} 3',
+        'x_latency_seconds_bucket{le="0.1"} 1.0',
+        'x_latency_seconds_bucket{le="1.0"} 2.0',
+        'x_latency_seconds_bucket{le="+Inf"} 3.0',
+        "x_latency_seconds_count 3.0",
         "x_latency_seconds_sum 5.55",
-        "x_latency_seconds_count 3",
     ]
+    assert rotations.value(result="minted") == 3
+    assert rotations.value(result="other") == 0
+    assert latency.count == 3
     with pytest.raises(ValueError, match="takes labels"):
         rotations.inc(kind="x")
     with pytest.raises(ValueError, match="already registered"):
         registry.register(Counter("x_rotations_total", "again"))
+
+
+def test_each_registry_is_its_own() -> None:
+    """Two controllers in one process (tests) count apart: a CollectorRegistry each, and
+    nothing in prometheus_client's global one."""
+    from prometheus_client import REGISTRY
+
+    first, second = Registry(), Registry()
+    a = first.register(Counter("x_same_total", "Same name."))
+    b = second.register(Counter("x_same_total", "Same name."))
+    a.inc()
+    assert (a.value(), b.value()) == (1, 0)
+    assert REGISTRY.get_sample_value("x_same_total") is None
+    # OpenMetrics for a scraper that asks for it (Prometheus does).
+    body, kind = first.exposition("application/openmetrics-text; version=1.0.0")
+    assert kind.startswith("application/openmetrics-text")
+    assert body.decode().endswith("# EOF\n")
 
 
 def get(url: str, path: str) -> tuple[int, str, str]:
@@ -585,7 +635,7 @@ def running() -> Iterator[Callable[[Controller], Running]]:
         item.stop()
 
 
-def lease_holder(k8s: KubeCluster, namespace: str) -> str | None:
+def lease_holder(k8s: Cluster, namespace: str) -> str | None:
     lease = k8s.get(
         "coordination.k8s.io/v1/leases", namespace, controller_lease_name("linuxguard-enroll")
     )
@@ -593,7 +643,7 @@ def lease_holder(k8s: KubeCluster, namespace: str) -> str | None:
 
 
 def test_leader_election_one_leads_and_the_other_takes_over_after_expiry(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
@@ -668,7 +718,7 @@ def test_leader_election_one_leads_and_the_other_takes_over_after_expiry(
 
 
 def test_controller_endpoints_events_and_graceful_shutdown(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
@@ -691,17 +741,11 @@ def test_controller_endpoints_events_and_graceful_shutdown(
     assert json.loads(body)["status"]["synced"] is True
     status, _, metrics = get(url, "/metrics")
     assert status == 200
-    assert 'lg_rotate_rotations_total{result="minted"} 1' in metrics
-    assert "lg_rotate_controller_leader 1" in metrics
-    assert "lg_rotate_mint_latency_seconds_count 1" in metrics
-    ttl = float(
-        next(
-            line.split()[1]
-            for line in metrics.splitlines()
-            if line.startswith("lg_rotate_token_ttl_seconds ")
-        )
-    )
-    assert 500 < ttl <= 600
+    values = samples(metrics)
+    assert values['lg_rotate_rotations_total{result="minted"}'] == 1
+    assert values["lg_rotate_controller_leader"] == 1
+    assert values["lg_rotate_mint_latency_seconds_count"] == 1
+    assert 500 < values["lg_rotate_token_ttl_seconds"] <= 600
 
     # Events on the Secret, with fingerprints and never the token.
     secret = k8s.get("v1/secrets", k8s_namespace, "linuxguard-enroll")
@@ -728,6 +772,15 @@ def test_controller_endpoints_events_and_graceful_shutdown(
     fingerprint = secret["metadata"]["annotations"]["linuxguard.io/token-sha256"]
     assert f"sha256:{fingerprint[:12]}" in rotated["message"]
     assert "the Secret does not exist" in rotated["message"]
+    # Found the way kubectl finds an object's Events: field selectors on involvedObject.
+    by_uid = k8s.list_objects(
+        "v1/events", k8s_namespace, field_selector=f"involvedObject.uid={secret['metadata']['uid']}"
+    )
+    assert "Rotated" in {e["reason"] for e in by_uid}
+    shown = k8s.kubectl("events", "-n", k8s_namespace, "--for", "secret/linuxguard-enroll").stdout
+    assert "Rotated" in shown
+    assert f"sha256:{fingerprint[:12]}" in shown
+    assert token not in shown
 
     runner.stop()
     assert lease_holder(k8s, k8s_namespace) is None  # released for the next replica
@@ -739,11 +792,13 @@ def test_controller_endpoints_events_and_graceful_shutdown(
 
 
 def test_controller_rotates_before_the_token_expires(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lg_rotate.kube")
     controller = make_controller(k8s, k8s_namespace, sandbox, metrics_port=None, events=False)
     running(controller)
     wait_for(
@@ -764,10 +819,17 @@ def test_controller_rotates_before_the_token_expires(
     assert status.rotations == 2
     assert status.expires_at is not None
     assert (status.expires_at - sandbox.now()).total_seconds() > 590
+    # The second rotation patched the existing Secret with the resourceVersion it read (the
+    # API server refuses it with 409 if anyone changed the Secret in between).
+    patched = [r.getMessage() for r in caplog.records if "patched Secret" in r.getMessage()]
+    assert len(patched) == 1
+    assert "(resourceVersion " in patched[0]
+    assert "None ->" not in patched[0]
+    assert "without a conflict check" not in caplog.text
 
 
 def test_rotation_failures_are_counted_and_retried(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
@@ -786,24 +848,47 @@ def test_rotation_failures_are_counted_and_retried(
     assert url is not None
     metrics = get(url, "/metrics")[2]
     failures = controller.status().failures
-    assert f"lg_rotate_rotation_failures_total {failures}" in metrics
-    assert f'lg_rotate_rotations_total{{result="failed"}} {failures}' in metrics
+    assert samples(metrics)["lg_rotate_rotation_failures_total"] == failures
+    assert samples(metrics)['lg_rotate_rotations_total{result="failed"}'] == failures
     assert get(url, "/healthz")[0] == 200
 
 
-def create_agent_pod(k8s: KubeCluster, namespace: str, name: str, started: datetime) -> None:
-    body = pod_doc("ignored", name=name, running=(f"cid-{name}", started), ready=True)
-    body["metadata"] = {"name": name, "labels": {"app": "linuxguard-agent"}}
-    body["spec"]["containers"] = [{"name": "agent", "image": "agent"}]
-    body["status"]["containerStatuses"][0].update(image="agent", imageID="agent@sha256:0")
-    client.CoreV1Api(k8s.api_client()).create_namespaced_pod(
-        namespace, body, _preload_content=False
+def create_agent_pod(
+    k8s: Cluster,
+    namespace: str,
+    name: str,
+    started: datetime,
+    *,
+    labels: dict[str, str] | None = None,
+    node: str = "node-1",
+) -> None:
+    """A pod whose agent container started at ``started`` and is Ready, as a kubelet
+    reports it: the pod is created, then its status goes through the status subresource
+    (the API server drops a ``status`` sent with the create). ``node`` must be a Node."""
+    core = client.CoreV1Api(k8s.api_client())
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {"app": "linuxguard-agent"}},
+        "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "agent"}]},
+    }
+    created = json.loads(core.create_namespaced_pod(namespace, body, _preload_content=False).data)
+    assert "containerStatuses" not in created["status"]
+    status = pod_doc("ignored", running=(f"fake://{name}", started), ready=True)["status"]
+    status["phase"] = "Running"
+    status["containerStatuses"][0].update(image="agent", imageID="", started=True)
+    core.patch_namespaced_pod_status(
+        name,
+        namespace,
+        {"status": status},
+        _content_type="application/merge-patch+json",
+        _preload_content=False,
     )
 
 
 @pytest.mark.parametrize(("started_offset", "rotates"), [(-30, False), (+5, True)])
 def test_at_startup_a_token_read_by_a_running_pod_is_replaced(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
@@ -823,6 +908,7 @@ def test_at_startup_a_token_read_by_a_running_pod_is_replaced(
     assert state.rotated_at is not None
     # A pod that started before the token was delivered read an older one; one that
     # started after it consumed it.
+    k8s.create_nodes(["node-1"])
     create_agent_pod(
         k8s, k8s_namespace, "agent-1", state.rotated_at + timedelta(seconds=started_offset)
     )
@@ -851,7 +937,7 @@ def test_signal_handlers_set_the_stop_event() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_is_running_without_a_lease(k8s: KubeCluster, k8s_namespace: str) -> None:
+def test_is_running_without_a_lease(k8s: Cluster, k8s_namespace: str) -> None:
     assert not is_running(
         api_client=k8s.api_client(), namespace=k8s_namespace, secret_name="linuxguard-enroll"
     )
@@ -871,7 +957,7 @@ def test_is_running_without_a_lease(k8s: KubeCluster, k8s_namespace: str) -> Non
 
 
 def test_a_leader_that_cannot_renew_its_lease_steps_down(
-    k8s: KubeCluster,
+    k8s: Cluster,
     k8s_namespace: str,
     sandbox: SandboxServer,
     running: Callable[[Controller], Running],
@@ -902,7 +988,7 @@ def test_a_leader_that_cannot_renew_its_lease_steps_down(
 
 
 def test_a_metrics_port_in_use_is_a_configuration_error(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer
 ) -> None:
     taken = MetricsServer(
         registry=Registry(),
@@ -915,7 +1001,340 @@ def test_a_metrics_port_in_use_is_a_configuration_error(
         controller = make_controller(k8s, k8s_namespace, sandbox, metrics_port=taken.port)
         with pytest.raises(ConfigError, match="cannot serve metrics") as failure:
             controller.run(stop=threading.Event())
-        assert "--metrics-port" in (failure.value.fix or "")
+        assert "--metrics-bind-address" in (failure.value.fix or "")
         assert not controller.status().running
     finally:
         taken.stop()
+
+
+def test_two_replicas_started_together_elect_exactly_one_leader(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    # Both find no Lease and create it at once: the API server lets one create win (409 for
+    # the other, which re-reads and stands by).
+    settings: dict[str, Any] = {
+        "lease_duration": 10,
+        "lease_renew_period": 0.05,
+        "lease_retry_period": 0.02,
+        "metrics_port": None,
+        "events": False,
+    }
+    replicas = [
+        make_controller(k8s, k8s_namespace, sandbox, identity=f"replica-{n}", **settings)
+        for n in "ab"
+    ]
+    for replica in replicas:
+        running(replica)
+    wait_for(lambda: any(r.is_leader for r in replicas), timeout=10, what="a leader")
+    (leader,) = [r for r in replicas if r.is_leader]
+    (standby,) = [r for r in replicas if r is not leader]
+    attempts = standby.election_attempts
+
+    def standby_kept_standing_by() -> bool:
+        assert not standby.is_leader
+        assert leader.is_leader
+        return standby.election_attempts >= attempts + 20
+
+    wait_for(standby_kept_standing_by, timeout=10, what="the standby to retry 20 times")
+    assert lease_holder(k8s, k8s_namespace) == leader.identity
+    wait_for(lambda: leader.status().rotations == 1, timeout=15, what="the leader's rotation")
+    assert standby.status().rotations == 0
+    assert not standby.status().synced
+
+
+def controller_for(
+    k8s: Cluster, namespace: str, sandbox: SandboxServer, *, selector: str
+) -> Controller:
+    """make_controller's settings, with another label selector."""
+    rotator = make_rotator(k8s, namespace, sandbox)
+    return Controller(
+        api_client=k8s.api_client(),
+        namespace=namespace,
+        selector=selector,
+        rotator=rotator,
+        target=rotator.target,  # type: ignore[arg-type]
+        collision_grace=1.0,
+        lease_retry_period=0.2,
+        tick=0.1,
+        max_backoff=1.0,
+        clock=sandbox.now,
+        events=False,
+    )
+
+
+def test_the_controller_sees_only_the_pods_its_label_selector_selects(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    k8s.create_nodes(["node-1"])
+    canary = {"app": "linuxguard-agent", "track": "canary"}
+    create_agent_pod(k8s, k8s_namespace, "listed-canary", sandbox.now(), labels=canary)
+    controller = controller_for(
+        k8s, k8s_namespace, sandbox, selector="app=linuxguard-agent,track!=canary"
+    )
+    running(controller)
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 1,
+        timeout=15,
+        what="the first rotation",
+    )
+    assert controller.status().pods == 0  # the list was filtered by the API server
+
+    create_agent_pod(k8s, k8s_namespace, "watched-canary", sandbox.now(), labels=canary)
+    other_app = {"app": "linuxguard-agent-v2"}
+    create_agent_pod(k8s, k8s_namespace, "other-app", sandbox.now(), labels=other_app)
+    stable = {"app": "linuxguard-agent", "track": "stable"}
+    create_agent_pod(k8s, k8s_namespace, "agent", sandbox.now(), labels=stable)  # last
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 2,
+        timeout=15,
+        what="the rotation after the selected pod's start",
+    )
+    assert controller.status().pods == 1  # the watch was filtered too
+    assert [pod.name for pod in controller._pods.values()] == ["agent"]
+    assert controller.metrics.starts.value() == 1
+
+
+def test_the_watch_is_renewed_from_its_last_resource_version_without_relisting(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    # resync_seconds=1: the API server ends every watch after a second (timeoutSeconds).
+    controller = make_controller(
+        k8s, k8s_namespace, sandbox, resync_seconds=1, metrics_port=None, events=False
+    )
+    pods_api = controller._pods_api
+    listed: list[str | None] = []
+    watched: list[str | None] = []
+    original_list, original_watch = pods_api.list, pods_api.watch
+
+    def spy_list(**kwargs: Any) -> tuple[list[dict[str, Any]], str | None]:
+        items, version = original_list(**kwargs)
+        listed.append(version)
+        return items, version
+
+    def spy_watch(**kwargs: Any) -> Iterator[dict[str, Any]]:
+        watched.append(kwargs["resource_version"])
+        yield from original_watch(**kwargs)
+
+    pods_api.list = spy_list  # type: ignore[method-assign]
+    pods_api.watch = spy_watch  # type: ignore[method-assign]
+    k8s.create_nodes(["node-1"])
+    running(controller)
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 1,
+        timeout=15,
+        what="the first rotation",
+    )
+    create_agent_pod(k8s, k8s_namespace, "agent-1", sandbox.now())
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 2,
+        timeout=15,
+        what="the rotation after agent-1 started",
+    )
+    renewed = len(watched)
+    wait_for(lambda: len(watched) >= renewed + 2, timeout=15, what="two watch renewals")
+    create_agent_pod(k8s, k8s_namespace, "agent-2", sandbox.now())
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 3,
+        timeout=15,
+        what="the rotation after agent-2 started",
+    )
+    assert len(listed) == 1  # never relisted: every watch went on from where the last one ended
+    assert listed[0] is not None
+    assert watched[0] == listed[0]
+    assert None not in watched
+    assert controller.status().pods == 2
+    assert controller.metrics.starts.value() == 2  # a renewed watch replays no start
+
+
+def test_a_broken_watch_connection_means_list_again(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    # The connection is cut on the client's side (the real server cannot be told to drop
+    # it); what follows is against the real server: a relist, and nothing missed meanwhile.
+    controller = make_controller(
+        k8s, k8s_namespace, sandbox, resync_seconds=300, metrics_port=None, events=False
+    )
+    pods_api = controller._pods_api
+    listed: list[str | None] = []
+    original_list = pods_api.list
+
+    def spy_list(**kwargs: Any) -> tuple[list[dict[str, Any]], str | None]:
+        items, version = original_list(**kwargs)
+        listed.append(version)
+        return items, version
+
+    pods_api.list = spy_list  # type: ignore[method-assign]
+    k8s.create_nodes(["node-1"])
+    running(controller)
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 1,
+        timeout=15,
+        what="the first rotation",
+    )
+    wait_for(lambda: pods_api._response is not None, timeout=10, what="the watch to be open")
+    pods_api.abort_watch()
+    create_agent_pod(k8s, k8s_namespace, "agent-1", sandbox.now())  # while it reconnects
+    wait_for(lambda: len(listed) == 2, timeout=15, what="a relist")
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 2,
+        timeout=15,
+        what="the rotation after agent-1 started",
+    )
+    assert controller.status().pods == 1
+    assert controller.metrics.starts.value() == 1  # a start, not a pod found at startup
+    assert listed[1] != listed[0]
+
+
+def secret_events(k8s: Cluster, namespace: str, reason: str) -> list[dict[str, Any]]:
+    return [
+        event
+        for event in k8s.list_objects("v1/events", namespace)
+        if event["reason"] == reason and event["involvedObject"]["name"] == "linuxguard-enroll"
+    ]
+
+
+def test_events_name_the_secret_by_its_uid_also_after_it_was_recreated(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    controller = make_controller(k8s, k8s_namespace, sandbox, metrics_port=None)
+    running(controller)
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 1,
+        timeout=15,
+        what="the first rotation",
+    )
+    first = k8s.get("v1/secrets", k8s_namespace, "linuxguard-enroll")
+    assert first is not None
+    wait_for(
+        lambda: secret_events(k8s, k8s_namespace, "Rotated"), timeout=10, what="a Rotated Event"
+    )
+    (event,) = secret_events(k8s, k8s_namespace, "Rotated")
+    assert event["involvedObject"]["uid"] == first["metadata"]["uid"]
+
+    # Someone deletes the Secret; the next agent start finds it missing: it is recreated,
+    # a new object with a new uid, and its Events must name that one.
+    k8s.delete("v1/secrets", k8s_namespace, "linuxguard-enroll")
+    k8s.create_nodes(["node-1"])
+    create_agent_pod(k8s, k8s_namespace, "agent-1", sandbox.now())
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 2,
+        timeout=15,
+        what="the Secret to be recreated",
+    )
+    second = k8s.get("v1/secrets", k8s_namespace, "linuxguard-enroll")
+    assert second is not None
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    fingerprint = second["metadata"]["annotations"]["linuxguard.io/token-sha256"][:12]
+
+    def rotated_again() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in secret_events(k8s, k8s_namespace, "Rotated")
+            if f"sha256:{fingerprint}" in e["message"]
+        ]
+
+    (event,) = wait_for_value(rotated_again, timeout=10, what="the Rotated Event of the new Secret")
+    assert event["involvedObject"]["uid"] == second["metadata"]["uid"]
+
+
+def wait_for_value(probe: Callable[[], T], *, timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.01)
+    pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+
+
+AGENT_DAEMONSET = Path(__file__).parent.parent / "cronjob" / "agent" / "daemonset.yaml"
+
+
+def test_every_pod_of_the_agent_daemonset_gets_a_fresh_token(
+    k8s: Cluster,
+    k8s_namespace: str,
+    sandbox: SandboxServer,
+    running: Callable[[Controller], Running],
+) -> None:
+    # The shipped DaemonSet; the real DaemonSet controller makes one pod per Node, the fake
+    # kubelets start them (each reads the Secret at its start) and enrol their agents.
+    nodes = ["node-a", "node-b", "node-c", "node-d"]
+    controller = make_controller(k8s, k8s_namespace, sandbox, metrics_port=None)
+    running(controller)
+    wait_for(
+        lambda: controller.status().idle and controller.status().rotations == 1,
+        timeout=15,
+        what="the first rotation",
+    )
+    # Restarts back off 0.3 s, under the 1 s collision grace (a kubelet's 10 s under the
+    # default 20 s), so a refused agent is recovered by its own restart.
+    with FakeKubelet(k8s, k8s_namespace, sandbox=sandbox, restart_backoff=0.3) as kubelet:
+        kubelet.hold(nodes)
+        k8s.create_nodes(nodes)
+        k8s.apply(yaml.safe_load(AGENT_DAEMONSET.read_text()), k8s_namespace)
+        # Nodes coming up one by one: each start is followed by a rotation before the next.
+        for rotations, node in enumerate(nodes[:2], start=2):
+            kubelet.release([node])
+            kubelet.wait(lambda node=node: kubelet.settled([node]), timeout=30, what=node)
+            wait_for(
+                lambda rotations=rotations: (
+                    controller.status().idle and controller.status().rotations == rotations
+                ),
+                timeout=15,
+                what=f"the rotation after the start on {node}",
+            )
+        assert [a.results for a in kubelet.attempts] == [["enrolled"], ["enrolled"]]
+        assert len({a.token_fingerprint for a in kubelet.attempts}) == 2
+
+        # Two Nodes together: their agents may start under one token; whatever happened,
+        # the controller recovers every refused one.
+        kubelet.release(nodes[2:])
+
+        def settled() -> bool:
+            with kubelet.lock:
+                started = len(kubelet.attempts)
+            return (
+                kubelet.settled(nodes)
+                and controller.status().idle
+                and controller.metrics.starts.value() == started
+            )
+
+        kubelet.wait(settled, timeout=60, what="every agent Ready and the controller idle")
+
+    live = kubelet.live_pods()
+    assert set(live) == set(nodes)
+    assert all(pod.enrolled for pod in live.values())
+    refused = [a for a in kubelet.attempts if "conflict" in a.results]
+    assert controller.status().collisions >= len(refused)
+    assert controller.status().recoveries >= len(refused)
+    enrolled = [r for r in sandbox.enrolments() if r.result == "ok"]
+    assert len({r.fingerprint for r in enrolled}) == len(enrolled)  # no token enrolled twice
+    state = controller.target.read_state()
+    assert state is not None
+    assert state.fingerprint not in {a.token_fingerprint for a in kubelet.attempts}
+    assert controller.metrics.starts.value() == len(kubelet.attempts)
+    daemonset = wait_for_value(
+        lambda: (
+            (ds := k8s.get("apps/v1/daemonsets", k8s_namespace, "linuxguard-agent"))
+            and ds["status"].get("numberReady") == len(nodes)
+            and ds
+        ),
+        timeout=15,
+        what="the DaemonSet controller to count the Ready pods",
+    )
+    assert daemonset["status"]["desiredNumberScheduled"] == len(nodes)

@@ -1,8 +1,10 @@
 """Kill the rotator process (SIGKILL) at each step boundary, run it again, check the result.
 
 For every persistent provider (vault on OpenBao, aws on moto, gcp on the gRPC fake) with
-the Kubernetes Secret as target: the store and the Secret end consistent, nothing is
-delivered twice, no valid token is lost, and the dead process's lock expires.
+the Kubernetes Secret on a real kube-apiserver as target (tests/fixtures/cluster.py): the
+store and the Secret end consistent, nothing is delivered twice (the Secret's
+resourceVersion, which the real server bumps on every write, is unchanged), no valid token is
+lost, and the dead process's Lease expires.
 """
 
 from __future__ import annotations

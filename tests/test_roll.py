@@ -1,18 +1,27 @@
-"""``roll``: pod by pod, a fresh token each, resumable; against KubeSim, the sandbox and
-the pod simulator (tests/podsim.py plays the DaemonSet controller and the kubelets)."""
+"""``roll``: pod by pod, a fresh token each, resumable.
+
+Against the real control plane (tests/fixtures/cluster.py): the shipped agent DaemonSet
+(cronjob/agent/daemonset.yaml) on fake Nodes, whose pods the real DaemonSet controller
+creates and recreates; tests/fakekubelet.py binds them and plays their kubelets (env
+resolved from the Secret at container start, status through the status subresource,
+graceful deletion) and their agents (enrolment against the LinuxGuard sandbox).
+"""
 
 from __future__ import annotations
 
 import collections
 import json
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from fakekubelet import FakeKubelet
 
-from fixtures.kube import KubeCluster
-from podsim import PodSim, trim_kubesim_history
+from fixtures.cluster import Cluster
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import ConfigError, ExitCode, RolloutTimeoutError
 from rotator.kube.lease import LeaseLock
@@ -26,15 +35,11 @@ from rotator.tokens import Secret
 
 TENANT = "acme"
 NODES = ["node-a", "node-b", "node-c", "node-d"]
-
-
-@pytest.fixture(autouse=True)
-def _fast_kubesim(monkeypatch: pytest.MonkeyPatch) -> None:
-    trim_kubesim_history(monkeypatch)
+AGENT_DAEMONSET = Path(__file__).parent.parent / "cronjob" / "agent" / "daemonset.yaml"
 
 
 @pytest.fixture
-def rotator(k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer) -> Rotator:
+def rotator(k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer) -> Rotator:
     api = k8s.api_client()
     return Rotator(
         minter=LinuxGuardClient(
@@ -51,25 +56,45 @@ def rotator(k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer) -> Rot
 
 @pytest.fixture
 def cluster(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator
-) -> Iterator[PodSim]:
-    """Four enrolled agent pods, each started with its own token (a rotation before each)."""
-    with PodSim(k8s=k8s, namespace=k8s_namespace, sandbox=sandbox) as sim:
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator
+) -> Iterator[FakeKubelet]:
+    """The agent DaemonSet on four Nodes, each pod enrolled with its own token.
+
+    The Nodes' kubelets start held; each is released after a rotation, so every pod's
+    first start reads a token nobody read before.
+    """
+    with FakeKubelet(k8s, k8s_namespace, sandbox=sandbox) as kubelet:
+        kubelet.hold(NODES)
+        k8s.create_nodes(NODES)
+        k8s.apply(yaml.safe_load(AGENT_DAEMONSET.read_text()), k8s_namespace)
         for node in NODES:
             rotator.rotate()
-            sim.add_nodes([node])
-            sim.wait(sim.settled, timeout=10, what=f"the pod on {node} to enrol")
+            kubelet.release([node])
+            kubelet.wait(
+                lambda node=node: kubelet.settled([node]) and kubelet.live_pods()[node].enrolled,
+                timeout=30,
+                what=f"the pod on {node} to enrol",
+            )
         rotator.rotate()  # the Secret holds an unread token, as after any rotation
-        yield sim
+        yield kubelet
 
 
-def roll_state(k8s: KubeCluster, namespace: str) -> dict[str, Any]:
+def roll_state(k8s: Cluster, namespace: str) -> dict[str, Any]:
     ds = k8s.get("apps/v1/daemonsets", namespace, "linuxguard-agent")
     assert ds is not None
     return json.loads(ds["metadata"]["annotations"][ROLL_STATE_ANNOTATION])
 
 
-def roll_agents(k8s: KubeCluster, namespace: str, rotator: Rotator, **options: Any) -> Any:
+def pods_on(k8s: Cluster, namespace: str, node: str) -> list[dict[str, Any]]:
+    """The agent pods the API server has on ``node`` (terminating ones included)."""
+    return [
+        pod
+        for pod in k8s.list_objects("v1/pods", namespace, label_selector="app=linuxguard-agent")
+        if pod["spec"].get("nodeName") == node
+    ]
+
+
+def roll_agents(k8s: Cluster, namespace: str, rotator: Rotator, **options: Any) -> Any:
     """``roll`` of the simulated agent DaemonSet (the settings every test shares)."""
     return roll(
         api_client=k8s.api_client(),
@@ -82,7 +107,7 @@ def roll_agents(k8s: KubeCluster, namespace: str, rotator: Rotator, **options: A
 
 
 def test_roll_replaces_every_pod_with_a_fresh_token_each(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: PodSim
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: FakeKubelet
 ) -> None:
     before = {node: pod.uid for node, pod in cluster.live_pods().items()}
     attempts_before = len(cluster.attempts)
@@ -139,15 +164,15 @@ class InterruptError(Exception):
 
 
 def test_interrupted_roll_resumes_where_it_stopped(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: PodSim
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: FakeKubelet
 ) -> None:
     api = k8s.api_client()
     original = {node: pod.uid for node, pod in cluster.live_pods().items()}
-    created_before = cluster.pods_created()
+    created_before = len(cluster.pods)
 
     def interrupt_after_third_delete(update: RollProgress) -> None:
         if update.phase == "rotated" and update.node == NODES[2]:
-            cluster.set_recreate(False)  # its replacement will be late
+            cluster.hold([NODES[2]])  # its kubelet is down: the pod stays Terminating
         if update.phase == "deleted" and update.node == NODES[2]:
             raise InterruptError
 
@@ -168,15 +193,18 @@ def test_interrupted_roll_resumes_where_it_stopped(
     assert state["inflight"]["node"] == NODES[2]
     assert state["inflight"]["uid"] == original[NODES[2]]
 
-    assert NODES[2] not in cluster.live_pods()
+    # Deleted, but its kubelet never confirmed it: Terminating, so no replacement yet.
+    (terminating,) = pods_on(k8s, k8s_namespace, NODES[2])
+    assert terminating["metadata"]["uid"] == original[NODES[2]]
+    assert terminating["metadata"].get("deletionTimestamp")
 
     updates: list[RollProgress] = []
 
     def replacement_arrives_late(update: RollProgress) -> None:
         updates.append(update)
-        if update.phase == "started":  # the rerun starts while node-c has no pod at all
+        if update.phase == "started":  # the rerun starts while node-c has no live pod
             assert update.total == len(NODES)
-            cluster.set_recreate(True)
+            cluster.release([NODES[2]])
 
     report = roll(
         api_client=api,
@@ -195,7 +223,7 @@ def test_interrupted_roll_resumes_where_it_stopped(
     assert all(u.resumed for u in updates)
 
     # Each node's pod was replaced exactly once over both runs.
-    assert cluster.pods_created() == created_before + len(NODES)
+    assert len(cluster.pods) == created_before + len(NODES)
     live = cluster.live_pods()
     assert all(live[node].uid != original[node] for node in NODES)
     assert all(pod.enrolled for pod in live.values())
@@ -220,7 +248,7 @@ def test_interrupted_roll_resumes_where_it_stopped(
 
 
 def test_a_replacement_that_restarts_gets_another_rotation(
-    k8s: KubeCluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: PodSim
+    k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer, rotator: Rotator, cluster: FakeKubelet
 ) -> None:
     # The first replacement's enrolment is refused (409) once: it crash-loops, reading the
     # Secret again on restart; roll rotates so that restart finds a fresh token.
@@ -241,9 +269,10 @@ def test_a_replacement_that_restarts_gets_another_rotation(
 
 
 def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
-    k8s: KubeCluster, k8s_namespace: str, rotator: Rotator, cluster: PodSim
+    k8s: Cluster, k8s_namespace: str, rotator: Rotator, cluster: FakeKubelet
 ) -> None:
-    cluster.set_recreate(False)  # the DaemonSet controller is stuck: nothing replaces the pod
+    cluster.hold([NODES[0]])  # its kubelet is down: the deleted pod stays Terminating, so
+    # the DaemonSet controller makes no replacement
     started = time.monotonic()
     with pytest.raises(RolloutTimeoutError) as failure:
         roll_agents(
@@ -262,7 +291,11 @@ def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
     assert state["completed"] is False
     assert state["inflight"]["node"] == NODES[0]
 
-    cluster.set_recreate(True)
+    (terminating,) = pods_on(k8s, k8s_namespace, NODES[0])
+    assert terminating["metadata"]["uid"] == state["inflight"]["uid"]
+    assert terminating["metadata"].get("deletionTimestamp")
+
+    cluster.release([NODES[0]])
     report = roll_agents(
         k8s,
         k8s_namespace,
@@ -276,10 +309,8 @@ def test_roll_times_out_when_no_replacement_gets_ready_and_stays_resumable(
 
 
 def test_roll_stops_between_steps_when_asked(
-    k8s: KubeCluster, k8s_namespace: str, rotator: Rotator, cluster: PodSim
+    k8s: Cluster, k8s_namespace: str, rotator: Rotator, cluster: FakeKubelet
 ) -> None:
-    import threading
-
     stop = threading.Event()
 
     def stop_after_first(update: RollProgress) -> None:
@@ -302,7 +333,7 @@ def test_roll_stops_between_steps_when_asked(
 
 
 @pytest.mark.parametrize("kind", ["deployment", "sts"])
-def test_roll_is_for_daemonsets(k8s: KubeCluster, rotator: Rotator, kind: str) -> None:
+def test_roll_is_for_daemonsets(k8s: Cluster, rotator: Rotator, kind: str) -> None:
     with pytest.raises(ConfigError, match="roll works on DaemonSets"):
         roll(
             api_client=k8s.api_client(),

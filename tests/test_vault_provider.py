@@ -21,6 +21,7 @@ from typing import Any
 import hvac
 import pytest
 
+from fixtures.cluster import Cluster
 from fixtures.openbao import OpenBaoServer
 from fixtures.ports import free_port
 from providers import registry
@@ -38,21 +39,6 @@ from rotator.tokens import EnrollToken, utcnow
 
 TENANT = "acme"
 REPO = Path(__file__).resolve().parent.parent
-
-# A self-signed CA certificate: the kubernetes auth method insists on one, although it
-# talks plain HTTP to the test's TokenReview endpoint and never uses it.
-FAKE_K8S_CA = """-----BEGIN CERTIFICATE-----
-MIIBnjCCAUWgAwIBAgIUQlB9Ud3NkzVj/WXZ28a1BaimNogwCgYIKoZIzj0EAwIw
-JDEiMCAGA1UEAwwZbGd0ZXN0LWZha2Uta3ViZXJuZXRlcy1jYTAgFw0yNjExMjcw
-NTM0MjlaGA8yMTI2MTEwMzA1MzQyOVowJDEiMCAGA1UEAwwZbGd0ZXN0LWZha2Ut
-a3ViZXJuZXRlcy1jYTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABLRpPc9427ze
-VeZmYlSSa/nW/rb4Rjk644BhIuWWQtk/s9vrEqsz8imE7XCkhmyqgZpIJkTnvOZH
-h5P3CwnbwQajUzBRMB0GA1UdDgQWBBQKXqA1On3kyehVFXGyTjUHLaEyvTAfBgNV
-HSMEGDAWgBQKXqA1On3kyehVFXGyTjUHLaEyvTAPBgNVHRMBAf8EBTADAQH/MAoG
-CCqGSM49BAMCA0cAMEQCIBA4i3sCRk6YahCiJ2LDF129NHeD1VwfJYSiKxrNhK9K
-AiBAVuuS8EAdDEyRbVKe5trvtmC12ePyIqWI8BssFmET/w==
------END CERTIFICATE-----
-"""
 
 
 def new_token(tenant: str = TENANT) -> EnrollToken:
@@ -692,127 +678,111 @@ def test_a_bad_approle_secret_id_is_a_permission_error(
         provider.read(tenant=TENANT, stage=Stage.CURRENT)
 
 
-def fake_service_account_jwt(*, namespace: str, name: str) -> str:
-    """An unsigned-looking JWT with the claims Vault's kubernetes auth reads."""
+def kubernetes_auth_for(openbao: OpenBaoServer, k8s: Cluster, namespace: str, template: str) -> str:
+    """A kubernetes auth mount whose TokenReviews go to the real API server; its mount path.
 
-    def part(data: dict[str, str]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    claims = {
-        "iss": "kubernetes/serviceaccount",
-        "sub": f"system:serviceaccount:{namespace}:{name}",
-        "kubernetes.io/serviceaccount/namespace": namespace,
-        "kubernetes.io/serviceaccount/service-account.name": name,
-        "kubernetes.io/serviceaccount/service-account.uid": "0b1c2d3e",
-    }
-    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
-
-
-@dataclass
-class TokenReviewServer:
-    """A loopback stand-in for the Kubernetes TokenReview API; approves one JWT."""
-
-    url: str
-    approved_jwt: str
-    reviewed: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def token_review() -> Iterator[TokenReviewServer]:
-    approved = fake_service_account_jwt(namespace="lg-system", name="lg-rotate")
-    review = TokenReviewServer(url="", approved_jwt=approved)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            jwt = body["spec"]["token"]
-            review.reviewed.append(jwt)
-            status: dict[str, Any] = {"authenticated": jwt == review.approved_jwt}
-            if status["authenticated"]:
-                status["user"] = {
-                    "username": "system:serviceaccount:lg-system:lg-rotate",
-                    "uid": "0b1c2d3e",
-                    "groups": ["system:serviceaccounts"],
-                }
-            else:
-                status["error"] = "token not valid"
-            answer = json.dumps(
-                {
-                    "apiVersion": "authentication.k8s.io/v1",
-                    "kind": "TokenReview",
-                    "status": status,
-                }
-            ).encode()
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    review.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield review
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
-def test_kubernetes_auth_logs_in_with_the_service_account_token(
-    openbao: OpenBaoServer,
-    vault_path_template: str,
-    token_review: TokenReviewServer,
-    tmp_path: Path,
-) -> None:
-    root = openbao.client()
+    The reviewer is a ServiceAccount bound to ``system:auth-delegator`` (what Vault's docs
+    prescribe); the role admits the ServiceAccount ``lg-rotate`` of ``namespace``.
+    """
     suffix = uuid.uuid4().hex[:8]
     mount = f"k8s-{suffix}"
+    k8s.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{namespace}-vault-reviewer"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:auth-delegator",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "vault", "namespace": namespace}],
+        }
+    )
+    root = openbao.client()
     root.sys.create_or_update_policy(
         name=f"lg-k8s-{suffix}",
-        policy=policy_for(vault_path_template, data_caps=["create", "update", "read"]),
+        policy=policy_for(template, data_caps=["create", "update", "read"]),
     )
     root.sys.enable_auth_method("kubernetes", path=mount)
     root.auth.kubernetes.configure(
-        kubernetes_host=token_review.url,
-        kubernetes_ca_cert=FAKE_K8S_CA,
+        kubernetes_host=k8s.url,
+        kubernetes_ca_cert=k8s.ca_pem,
+        token_reviewer_jwt=k8s.serviceaccount_token(namespace, "vault"),
         disable_local_ca_jwt=True,
         mount_point=mount,
     )
     root.auth.kubernetes.create_role(
         name="lg-rotate",
         bound_service_account_names=["lg-rotate"],
-        bound_service_account_namespaces=["lg-system"],
+        bound_service_account_namespaces=[namespace],
         policies=[f"lg-k8s-{suffix}"],
         mount_point=mount,
     )
-    jwt_file = tmp_path / "token"
-    jwt_file.write_text(token_review.approved_jwt)
-    options = {
-        "vault_addr": openbao.addr,
-        "vault_path": vault_path_template,
-        "vault_auth": "kubernetes",
-        "vault_role": "lg-rotate",
-        "vault_jwt_file": str(jwt_file),
-        "vault_auth_mount": mount,
-    }
-    provider = VaultProvider.from_options(options)
-    record = provider.write_pending(tenant=TENANT, token=new_token(), rotation_id="k8s")
-    provider.promote(tenant=TENANT, version=record.version)
-    current = provider.read(tenant=TENANT, stage=Stage.CURRENT)
-    assert current is not None
-    assert current.rotation_id == "k8s"
-    assert token_review.reviewed == [token_review.approved_jwt]
+    return mount
 
-    # A service-account token the API server does not approve gets no Vault token.
-    forged = fake_service_account_jwt(namespace="lg-system", name="lg-rotate")
-    jwt_file.write_text(forged.rsplit(".", 1)[0] + ".Zm9yZ2Vk")
-    with pytest.raises(StorePermissionError, match=f"kubernetes login at auth/{mount} failed"):
-        VaultProvider.from_options(options).read(tenant=TENANT, stage=Stage.CURRENT)
-    assert len(token_review.reviewed) == 2
+
+def test_kubernetes_auth_logs_in_with_the_service_account_token(
+    openbao: OpenBaoServer,
+    vault_path_template: str,
+    k8s: Cluster,
+    k8s_namespace: str,
+    tmp_path: Path,
+) -> None:
+    # Vault's kubernetes auth asks the real API server (TokenReview) whether the
+    # ServiceAccount token is valid: signature, expiry, and that the ServiceAccount exists.
+    mount = kubernetes_auth_for(openbao, k8s, k8s_namespace, vault_path_template)
+    try:
+        jwt_file = tmp_path / "token"
+        jwt_file.write_text(k8s.serviceaccount_token(k8s_namespace, "lg-rotate"))
+        options = {
+            "vault_addr": openbao.addr,
+            "vault_path": vault_path_template,
+            "vault_auth": "kubernetes",
+            "vault_role": "lg-rotate",
+            "vault_jwt_file": str(jwt_file),
+            "vault_auth_mount": mount,
+        }
+        provider = VaultProvider.from_options(options)
+        record = provider.write_pending(tenant=TENANT, token=new_token(), rotation_id="k8s")
+        provider.promote(tenant=TENANT, version=record.version)
+        current = provider.read(tenant=TENANT, stage=Stage.CURRENT)
+        assert current is not None
+        assert current.rotation_id == "k8s"
+
+        def refused(jwt: str) -> StorePermissionError:
+            jwt_file.write_text(jwt)
+            with pytest.raises(StorePermissionError) as failure:
+                VaultProvider.from_options(options).read(tenant=TENANT, stage=Stage.CURRENT)
+            assert f"kubernetes login at auth/{mount} failed" in str(failure.value)
+            assert jwt not in error_texts(failure.value)
+            return failure.value
+
+        # A forged signature: the API server does not authenticate it.
+        genuine = k8s.serviceaccount_token(k8s_namespace, "lg-rotate")
+        assert "permission denied" in str(refused(genuine.rsplit(".", 1)[0] + ".Zm9yZ2Vk"))
+        # A genuine token of another ServiceAccount: authenticated, but not bound to the role.
+        intruder = k8s.serviceaccount_token(k8s_namespace, "intruder")
+        assert "service account name not authorized" in str(refused(intruder))
+        # A genuine token of a ServiceAccount deleted since: bound tokens die with it. (One
+        # never reviewed before: the API server caches a successful authentication for 10 s,
+        # so a token used just before the deletion still passes that long.)
+        k8s.delete("v1/serviceaccounts", k8s_namespace, "lg-rotate")
+        wait_for_deletion(k8s, k8s_namespace, "lg-rotate")
+        assert "permission denied" in str(refused(genuine))
+    finally:
+        k8s.delete(
+            "rbac.authorization.k8s.io/v1/clusterrolebindings",
+            None,
+            f"{k8s_namespace}-vault-reviewer",
+        )
+
+
+def wait_for_deletion(k8s: Cluster, namespace: str, serviceaccount: str) -> None:
+    deadline = time.monotonic() + 10
+    while k8s.get("v1/serviceaccounts", namespace, serviceaccount) is not None:
+        assert time.monotonic() < deadline, f"ServiceAccount {serviceaccount} still exists"
+        time.sleep(0.05)
 
 
 # --- secrets stay secret -------------------------------------------------------------

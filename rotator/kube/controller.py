@@ -67,9 +67,10 @@ of a pod whose agent has not started before it expires, and deletes orphans. Wit
 for it (the optional component cronjob/components/per-pod) it says so once and the rest of
 the controller is unaffected.
 
-**Observability.** ``/metrics`` (Prometheus text), ``/healthz`` and ``/readyz`` on one
-port (:mod:`rotator.metrics`), Kubernetes Events on the Secret (rotations, failures,
-collisions, leadership; fingerprints only), and logs under ``lg_rotate.controller``.
+**Observability.** ``/metrics`` (Prometheus, through ``prometheus_client``), ``/healthz``
+and ``/readyz`` on one port (:mod:`rotator.metrics`, ``--metrics-bind-address``),
+Kubernetes Events on the Secret (rotations, failures, collisions, leadership; fingerprints
+only), and logs under ``lg_rotate.controller``.
 
 **Shutdown.** Setting the ``stop`` event passed to :meth:`Controller.run` (the CLI does it
 on SIGTERM/SIGINT, see :func:`install_signal_handlers`) stops the watch, lets a
@@ -1209,7 +1210,8 @@ class Controller:
             raise ConfigError(
                 f"cannot serve metrics on {self.metrics_host}:{self.metrics_port}: "
                 f"{exc.strerror or type(exc).__name__}",
-                fix="pick another --metrics-port (0: any free port), or stop what uses it",
+                fix="pick another --metrics-bind-address (HOST:0: any free port; 0: none), or "
+                "stop what uses it",
             ) from exc
 
     def _stop_http(self) -> None:
