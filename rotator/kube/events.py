@@ -1,4 +1,4 @@
-"""Kubernetes Events on the Secret (``kubectl describe secret`` shows them).
+"""Kubernetes Events on the Secret (``kubectl events --for secret/NAME`` shows them).
 
 Best effort, fingerprints only: anything token-shaped is redacted before it leaves.
 """
@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 from rotator.errors import (
     LgRotateError,
 )
-from rotator.kube.api import FIELD_MANAGER, MANAGED_BY_LABEL, ApiOp, api_request
+from rotator.kube.api import (
+    EVENTS_PATH,
+    FIELD_MANAGER,
+    MANAGED_BY_LABEL,
+    METADATA_ONE,
+    SECRET_PATH,
+    ApiOp,
+    api_request,
+)
 from rotator.tokens import (
     REDACTED,
     TOKEN_SHAPED,
@@ -43,14 +51,13 @@ def record_event(
     clock: Callable[[], datetime] = utcnow,
     request_timeout: float = 10.0,
 ) -> bool:
-    """Record a core/v1 Event on the Secret (``kubectl describe secret`` shows it).
+    """Record a core/v1 Event on the Secret (``kubectl events --for secret/NAME`` shows it;
+    ``kubectl describe secret`` lists no Events).
 
     Best effort: a failure is logged and swallowed (returns False). Anything token-shaped
     in ``message`` is redacted before it leaves the process. RBAC: ``create`` on
     ``events``.
     """
-    from kubernetes import client
-
     safe_message = TOKEN_SHAPED.sub(REDACTED, message)[:_EVENT_MESSAGE_LIMIT]
     now = format_timestamp(clock())
     host = socket.gethostname()
@@ -93,14 +100,7 @@ def record_event(
         writes=True,
     )
     try:
-        api_request(
-            api_client,
-            op,
-            client.CoreV1Api(api_client).create_namespaced_event,
-            namespace=namespace,
-            body=body,
-            _request_timeout=request_timeout,
-        )
+        api_request(api_client, op, "POST", EVENTS_PATH, body=body, timeout=request_timeout)
     except LgRotateError as exc:
         logger.warning(
             "could not record the %s event on Secret %s/%s: %s",
@@ -123,8 +123,6 @@ def record_event(
 
 
 def read_secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float) -> str | None:
-    from kubernetes import client
-
     op = ApiOp(
         verb="get",
         kind="Secret",
@@ -136,12 +134,7 @@ def read_secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: f
     )
     try:
         secret = api_request(
-            api_client,
-            op,
-            client.CoreV1Api(api_client).read_namespaced_secret,
-            name=name,
-            namespace=namespace,
-            _request_timeout=timeout,
+            api_client, op, "GET", SECRET_PATH, accept=METADATA_ONE, timeout=timeout
         )
     except LgRotateError:
         return None
