@@ -36,16 +36,28 @@ KUSTOMIZATIONS = (
 OVERLAYS = ("cronjob/overlays/vault", "cronjob/overlays/aws", "cronjob/overlays/gcp")
 # Optional kustomize Components (kind: Component, not buildable alone), each rendered into every
 # overlay as a user would use it: a kustomization with the overlay as resource, the component
-# in `components:`. Named "<overlay>+<component directory name>".
-COMPONENTS = ("cronjob/components/per-pod",)
-VARIANTS = {
-    f"{overlay}+{Path(component).name}": (overlay, component)
+# in `components:`. Named "<overlay>+<component directory name>"; components used together are
+# named "<overlay>+<first>+<second>", in the order they are listed.
+COMPONENTS = ("cronjob/components/per-pod", "cronjob/components/monitoring")
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    f"{overlay}+{Path(component).name}": (overlay, (component,))
     for component in COMPONENTS
     for overlay in OVERLAYS
 }
+# monitoring also scrapes the webhook of per-pod (its CA, the Service's name in its namespace).
+VARIANTS["cronjob/overlays/vault+per-pod+monitoring"] = (
+    "cronjob/overlays/vault",
+    ("cronjob/components/per-pod", "cronjob/components/monitoring"),
+)
 # Custom resources the manifests use, validated against local schemas of the fields used
-# (kubernetes-validate knows only the built-in kinds): apiVersion -> schema file.
-CRD_SCHEMAS = {"cert-manager.io/v1": ROOT / ".ci" / "schemas" / "cert-manager.io-v1.json"}
+# (kubernetes-validate knows only the built-in kinds): apiVersion -> schema file. Handled here
+# explicitly, never skipped: cert-manager's Certificate and Issuer (per-pod), and the Prometheus
+# Operator's PodMonitor (monitoring.coreos.com/v1, the monitoring component), whose CRDs have
+# no built-in schema either.
+CRD_SCHEMAS = {
+    "cert-manager.io/v1": ROOT / ".ci" / "schemas" / "cert-manager.io-v1.json",
+    "monitoring.coreos.com/v1": ROOT / ".ci" / "schemas" / "monitoring.coreos.com-v1.json",
+}
 # Oldest supported minor (ValidatingAdmissionPolicy is GA, admissionregistration.k8s.io/v1,
 # since 1.30; CronJob timeZone since 1.27) and the newest with schemas.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
@@ -80,13 +92,13 @@ def render_variant(name: str, *, extra: dict[str, Any] | None = None) -> str:
     """A VARIANTS entry rendered from a temporary kustomization (kustomize takes relative paths
     only, so it lists the overlay and the component relative to the temporary directory);
     ``extra`` adds fields to that kustomization (patches, as a user's overlay would)."""
-    overlay, component = VARIANTS[name]
+    overlay, components = VARIANTS[name]
     with tempfile.TemporaryDirectory(prefix="lg-rotate-variant-") as tmp:
         spec = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             "resources": [os.path.relpath(ROOT / overlay, tmp)],
-            "components": [os.path.relpath(ROOT / component, tmp)],
+            "components": [os.path.relpath(ROOT / c, tmp) for c in components],
             **(extra or {}),
         }
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(spec))

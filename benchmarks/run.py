@@ -15,7 +15,14 @@ Sections (README.md explains each):
      Rotator.rotate() (warm) versus `curl | jq | bao kv put token=-`;
   3. start-up: `lg-rotate --help` versus `python -c "import boto3"`, and which SDKs the
      Vault path imports (python -X importtime);
-  4. rotation with delivery to a Kubernetes Secret (KubeSim), in process and cold CLI.
+  4. rotation with delivery to a Kubernetes Secret (KubeSim), in process;
+  5. cold start against a real API server (etcd + kube-apiserver from $KUBEBUILDER_ASSETS):
+     `lg-rotate rotate` (Vault + Secret patch) and `lg-rotate emit`, wall and CPU time and
+     peak RSS, versus `curl | jq | bao kv put` (+ `kubectl patch`), and which modules the
+     one-shot path imports (no generated Kubernetes API classes or models).
+
+    python benchmarks/run.py --cold-only                 # section 5 alone
+    python benchmarks/run.py --cold-only --src ../before # the same, for an older tree
 
 No token is ever printed: command outputs that carry one are captured and compared by
 fingerprint only. Exit status 1 if a check fails (an SDK imported where it must not be,
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,8 +84,7 @@ class Plan:
     warm_rotations: int  # in-process rotations per round
     startup_rounds: int
     kube_rotations: int
-    kube_cli_rounds: int
-    kube_cli_warmup: int  # ~2 s each: the quick run skips the warm-up
+    cold_kube_rounds: int  # section 5: cold rotate/emit and their shell baselines
 
 
 FULL = Plan(
@@ -85,8 +93,7 @@ FULL = Plan(
     warm_rotations=4,
     startup_rounds=12,
     kube_rotations=40,
-    kube_cli_rounds=4,
-    kube_cli_warmup=1,
+    cold_kube_rounds=10,
 )
 QUICK = Plan(
     cold_rounds=4,
@@ -94,8 +101,7 @@ QUICK = Plan(
     warm_rotations=2,
     startup_rounds=3,
     kube_rotations=8,
-    kube_cli_rounds=1,
-    kube_cli_warmup=0,
+    cold_kube_rounds=3,
 )
 
 
@@ -109,6 +115,8 @@ class Contender:
     per_round: int = 1
     setup: Callable[[], None] | None = None  # before each run, not timed
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # user + sys of the child (section 5)
+    rss_mib: list[float] = field(default_factory=list)  # the child's peak RSS (section 5)
 
     @property
     def median_ms(self) -> float:
@@ -283,8 +291,19 @@ class Servers:
         )
 
 
+def snapshot(source: Path, dest: Path) -> Path:
+    """Copy ``rotator/`` and ``providers/`` of ``source`` to ``dest`` (no bytecode)."""
+    for package in ("rotator", "providers"):
+        shutil.copytree(
+            source / package,
+            dest / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    return dest
+
+
 @contextmanager
-def started_servers() -> Iterator[Servers]:
+def started_servers(source: Path = servers.ROOT) -> Iterator[Servers]:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lg-bench-")))
         bao = servers.start_openbao(workdir=workdir)
@@ -297,13 +316,7 @@ def started_servers() -> Iterator[Servers]:
         # Subprocesses run a copy of the sources in the temporary directory: Python may
         # write .pyc files there (as in any installed copy) without touching the
         # repository, and edits made to the tree during the run do not mix versions.
-        src = workdir / "src"
-        for package in ("rotator", "providers"):
-            shutil.copytree(
-                servers.ROOT / package,
-                src / package,
-                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-            )
+        src = snapshot(source, workdir / "src")
         yield Servers(
             bao=bao, sandbox=sandbox, workdir=workdir, src=src, vault_token_file=token_file
         )
@@ -560,7 +573,7 @@ def bench_startup(env: Servers, plan: Plan) -> tuple[list[Row], list[str], bool]
 
 
 def bench_kube(env: Servers, plan: Plan, vault_only: Contender) -> list[Row]:
-    """4. Rotation with delivery to a Kubernetes Secret (KubeSim), in-process and cold CLI."""
+    """4. Rotation with delivery to a Kubernetes Secret (KubeSim), in process (cold: section 5)."""
     cluster = servers.start_kube()
     try:
         from rotator.kube.lease import LeaseLock
@@ -579,30 +592,6 @@ def bench_kube(env: Servers, plan: Plan, vault_only: Contender) -> list[Row]:
             if str(report.action) != "minted" or report.target_revision is None:
                 raise BenchmarkError(f"the Kubernetes rotation did not deliver: {report.action}")
 
-        kubeconfig = cluster.write_kubeconfig(env.workdir / "kubeconfig", namespace=namespace)
-        cli_env = env.cli_env(vault_path=f"bench-kube-cli-{uuid.uuid4().hex[:8]}/<tenant>")
-        cli_env["KUBECONFIG"] = str(kubeconfig)
-        argv = cli(
-            "rotate",
-            "--provider",
-            "vault",
-            "--linuxguard-url",
-            env.sandbox.url,
-            "--tenant",
-            TENANT,
-            "--namespace",
-            namespace,
-            "--secret",
-            "linuxguard-enroll-cli",
-            "-o",
-            "json",
-        )
-
-        def rotate_cli() -> None:
-            report = json.loads(env.run(argv, env=cli_env, what="lg-rotate rotate (kube)"))
-            if report.get("target") is None:
-                raise BenchmarkError("lg-rotate rotate (kube) reported no target")
-
         def forget_requests() -> None:
             # kmock scans its whole request log on every request (KubeSim trims it at
             # 400): each rotation adds ~7, so without this the emulator, not lg-rotate,
@@ -614,22 +603,335 @@ def bench_kube(env: Servers, plan: Plan, vault_only: Contender) -> list[Row]:
             rotate_inproc,
             setup=forget_requests,
         )
-        cold = Contender("lg-rotate rotate (Secret target, cold CLI)", rotate_cli)
-        sdk_argv = [PYTHON, "-c", "from kubernetes.client import CoreV1Api"]
-        sdk = Contender(
-            'python -c "from kubernetes.client import CoreV1Api"',
-            lambda: _discard(env.run(sdk_argv, env=env.python_env(), what="kubernetes import")),
-        )
         measure([inproc], rounds=plan.kube_rotations)
-        measure([cold, sdk], rounds=plan.kube_cli_rounds, warmup=plan.kube_cli_warmup)
         section = "4 rotate + deliver (KubeSim)"
-        return [
-            Row(section, inproc, vault_only, "vs Vault only"),
-            Row(section, cold, vault_only, "vs Vault only"),
-            Row(section, sdk, None),
-        ]
+        return [Row(section, inproc, vault_only, "vs Vault only")]
     finally:
         cluster.stop()
+
+
+# --- 5. cold start against a real API server --------------------------------------------
+
+# One rotation as an ops shell would script it: mint, store, patch the Secret. The key
+# reaches curl through printf (a builtin) and stdin, the token goes to bao and kubectl
+# through stdin (`token=-`, `--patch-file /dev/stdin`): in no argv. No checks at all.
+SHELL_ROTATE_PATCH = r"""
+set -euo pipefail
+token=$(printf 'Authorization: Bearer %s\n' "$LINUXGUARD_API_KEY" \
+  | curl -sSf -X POST -H @- -H 'Content-Type: application/json' \
+      -d "{\"tenantId\":\"$TENANT\"}" "$LINUXGUARD_URL/api/tokens/new" \
+  | jq -r .token)
+printf '%s' "$token" | "$BAO" kv put "$KV_PATH" token=- >/dev/null
+printf '{"stringData":{"token":"%s"}}' "$token" \
+  | "$KUBECTL" patch secret "$SECRET" -n "$NAMESPACE" --type merge --patch-file /dev/stdin \
+  >/dev/null
+"""
+# What `emit -o env` does, as a shell: mint, store, print the variable line on stdout.
+SHELL_EMIT = r"""
+set -euo pipefail
+token=$(printf 'Authorization: Bearer %s\n' "$LINUXGUARD_API_KEY" \
+  | curl -sSf -X POST -H @- -H 'Content-Type: application/json' \
+      -d "{\"tenantId\":\"$TENANT\"}" "$LINUXGUARD_URL/api/tokens/new" \
+  | jq -r .token)
+printf '%s' "$token" | "$BAO" kv put "$KV_PATH" token=- >/dev/null
+printf 'LINUXGUARD_ENROLL_TOKEN=%s\n' "$token"
+"""
+# Modules the one-shot path must not import: the client's generated API classes and
+# models (pydantic models built at import: over a second), its dynamic client
+# (kubernetes_validate, jsonschema) and the websocket streams.
+FORBIDDEN_ON_ONE_SHOT = (
+    "kubernetes.client.api.",
+    "kubernetes.client.models.",
+    "kubernetes.dynamic",
+    "kubernetes.stream",
+    "kubernetes_validate",
+    "prometheus_client",
+)
+ONE_SHOT_SHOWN = (  # (importtime misses what importlib.import_module loads: no parents)
+    "kubernetes.config.kube_config",
+    "hvac",
+    "requests",
+    "tenacity",
+    "yaml",
+    "pydantic",
+    "google.auth",
+)
+
+
+# GNU time (Debian's `time` package) reports the peak RSS of a command it forks itself.
+# A child forked by this process starts with this process's RSS as its high-water mark
+# (Linux keeps the larger of the two across exec), so wait4's ru_maxrss alone would show
+# the benchmark's ~50 MiB for `python -c pass`.
+GNU_TIME = Path("/usr/bin/time")
+
+
+def run_with_usage(
+    argv: list[str], *, env: dict[str, str], cwd: Path, what: str, into: Contender
+) -> str:
+    """Run ``argv`` (stdout a pipe), record its CPU time and peak RSS; return its stdout.
+
+    CPU time is ``os.wait4``'s rusage (a shell's includes the children it waited for);
+    the peak RSS is GNU time's ``%M`` (for a shell: its largest process), NaN without
+    /usr/bin/time. stdout is never echoed.
+    """
+    rss_file = None
+    if GNU_TIME.is_file():
+        rss_file = cwd.parent / f"rss-{uuid.uuid4().hex[:8]}"
+        argv = [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *argv]
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    outputs: dict[str, bytes] = {}
+
+    def drain(name: str, stream: Any) -> None:
+        outputs[name] = stream.read()
+        stream.close()
+
+    readers = [
+        threading.Thread(target=drain, args=(name, stream), daemon=True)
+        for name, stream in (("out", process.stdout), ("err", process.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    watchdog = threading.Timer(60, process.kill)
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        watchdog.cancel()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    for reader in readers:
+        reader.join()
+    if process.returncode != 0:
+        stderr = outputs.get("err", b"").decode(errors="replace").strip()
+        raise BenchmarkError(f"{what} exited {process.returncode}: {stderr[-800:]}")
+    into.cpu.append(usage.ru_utime + usage.ru_stime)
+    rss = math.nan
+    if rss_file is not None:
+        rss = int(rss_file.read_text().split()[-1]) / 1024  # kilobytes
+        rss_file.unlink()
+    into.rss_mib.append(rss)
+    return outputs.get("out", b"").decode()
+
+
+def bench_cold(
+    env: Servers, plan: Plan, compare: Path | None = None
+) -> tuple[list[Row], list[str], bool]:
+    """5. Cold `rotate` (Vault + Secret patch, real API server) and `emit`, versus shell.
+
+    With ``compare`` (a tree with rotator/ and providers/), its `rotate` and `emit` run in
+    the same rounds: before/after figures under the same load.
+    """
+    servers.use_test_helpers()
+    from fixtures.cluster import kubectl_binary
+
+    cluster = servers.start_control_plane(env.workdir / "control-plane")
+    try:
+        namespace, secret = "default", "lg-bench-cold"
+        kubeconfig = cluster.write_kubeconfig(env.workdir / "kubeconfig", namespace=namespace)
+        suffix = uuid.uuid4().hex[:8]
+        rotate_env = env.cli_env(vault_path=f"bench-cold-rotate-{suffix}/<tenant>")
+        rotate_env["KUBECONFIG"] = str(kubeconfig)
+        emit_env = env.cli_env(vault_path=f"bench-cold-emit-{suffix}/<tenant>")
+        source = ["--provider", "vault", "--tenant", TENANT, "--linuxguard-url", env.sandbox.url]
+        rotate_args = [
+            "rotate",
+            *source,
+            "--namespace",
+            namespace,
+            "--secret",
+            secret,
+            "-o",
+            "json",
+        ]
+        emit_args = ["emit", "-o", "env", *source]
+        shell_env = clean_env(
+            {
+                **env.bao_env(),
+                "LINUXGUARD_API_KEY": env.sandbox.api_key,
+                "LINUXGUARD_URL": env.sandbox.url,
+                "TENANT": TENANT,
+                "BAO": str(servers.bao_binary()),
+                "KUBECTL": str(kubectl_binary()),
+                "KUBECONFIG": str(kubeconfig),
+                "NAMESPACE": namespace,
+                "SECRET": f"{secret}-shell",
+            }
+        )
+        shell_patch_env = {**shell_env, "KV_PATH": f"secret/bench-cold-shell-{suffix}/{TENANT}"}
+        shell_emit_env = {**shell_env, "KV_PATH": f"secret/bench-cold-shemit-{suffix}/{TENANT}"}
+        cluster.kubectl("create", "secret", "generic", f"{secret}-shell", "-n", namespace)
+
+        def cold(
+            name: str, argv: list[str], run_env: dict[str, str], check: Callable[[str], None]
+        ) -> Contender:
+            return cold_contender(name, argv, env=run_env, cwd=env.src, check=check)
+
+        rotate = cold(
+            "lg-rotate rotate (Vault + Secret patch)", cli(*rotate_args), rotate_env, delivered
+        )
+        shell_patch = cold(
+            "curl | jq | bao kv put + kubectl patch",
+            ["bash", "-c", SHELL_ROTATE_PATCH],
+            shell_patch_env,
+            _discard,
+        )
+        emit = cold("lg-rotate emit -o env", cli(*emit_args), emit_env, emitted)
+        shell_emit = cold(
+            "curl | jq | bao kv put; printf", ["bash", "-c", SHELL_EMIT], shell_emit_env, emitted
+        )
+        bare_env = env.python_env()
+        bare = cold("python -c pass", [PYTHON, "-c", "pass"], bare_env, _discard)
+        sdk = cold(
+            'python -c "import kubernetes"', [PYTHON, "-c", "import kubernetes"], bare_env, _discard
+        )
+        api = cold(
+            'python -c "from kubernetes.client import CoreV1Api"',
+            [PYTHON, "-c", "from kubernetes.client import CoreV1Api"],
+            bare_env,
+            _discard,
+        )
+        contenders = [rotate, shell_patch, emit, shell_emit, bare, sdk, api]
+        others: list[Contender] = []
+        if compare is not None:
+            other_src = snapshot(compare, env.workdir / "src-compare")
+            other_env = {"PYTHONPATH": str(other_src)}
+            others = [
+                cold_contender(
+                    f"{rotate.name} [{compare.name}]",
+                    cli(*rotate_args[:-4], "--secret", f"{secret}-compare", "-o", "json"),
+                    env={**rotate_env, **other_env},
+                    cwd=other_src,
+                    check=delivered,
+                ),
+                cold_contender(
+                    f"{emit.name} [{compare.name}]",
+                    cli("emit", "-f", "env", *source),  # -f: emit's flag before -o, still taken
+                    env={**emit_env, **other_env},
+                    cwd=other_src,
+                    check=emitted,
+                ),
+            ]
+            contenders[3:3] = others
+        minted_before = len(env.sandbox.minted())
+        measure(contenders, rounds=plan.cold_kube_rounds)
+        for contender in contenders:  # the warm-up's usage is not kept
+            del contender.cpu[0], contender.rss_mib[0]
+        minted = len(env.sandbox.minted()) - minted_before
+        if minted != (4 + len(others)) * (plan.cold_kube_rounds + 1):
+            raise BenchmarkError(f"section 5: the sandbox minted {minted} tokens")
+
+        profiles = {
+            "rotate": import_profile(env, rotate_args, run_env=rotate_env),
+            "emit": import_profile(env, emit_args, run_env=emit_env),
+        }
+    finally:
+        cluster.stop()
+    section = "5 cold start"
+    rows = [
+        Row(section, rotate, shell_patch),
+        *[Row(section, c, shell_patch) for c in others[:1]],
+        Row(section, shell_patch, shell_patch),
+        Row(section, emit, shell_emit),
+        *[Row(section, c, shell_emit) for c in others[1:]],
+        Row(section, shell_emit, shell_emit),
+        Row(section, bare, None),
+        Row(section, sdk, None),
+        Row(section, api, None),
+    ]
+    lines, ok = one_shot_imports(profiles)
+    return rows, lines, ok
+
+
+def cold_contender(
+    name: str, argv: list[str], *, env: dict[str, str], cwd: Path, check: Callable[[str], None]
+) -> Contender:
+    """A subprocess contender that also records CPU time and peak RSS."""
+    contender = Contender(name, lambda: None)
+
+    def run() -> None:
+        check(run_with_usage(argv, env=env, cwd=cwd, what=name, into=contender))
+
+    contender.run = run
+    return contender
+
+
+def delivered(out: str) -> None:
+    report = json.loads(out)
+    if report.get("action") != "minted" or not report.get("targetRevision"):
+        raise BenchmarkError(f"lg-rotate rotate did not deliver: {report.get('action')}")
+
+
+def emitted(out: str) -> None:
+    if not out.startswith("LINUXGUARD_ENROLL_TOKEN="):
+        raise BenchmarkError("emit -o env wrote no LINUXGUARD_ENROLL_TOKEN line")
+
+
+def one_shot_imports(profiles: dict[str, ImportProfile]) -> tuple[list[str], bool]:
+    """Section 5's module check: no generated API classes, models, dynamic client..."""
+    ok = True
+    lines = ["one-shot paths (sys.modules at exit; python -X importtime, cumulative ms):"]
+    for name, profile in profiles.items():
+        forbidden = (*FORBIDDEN_ON_ONE_SHOT, *(("kubernetes",) if name == "emit" else ()))
+        present = sorted(
+            {
+                prefix
+                for prefix in forbidden
+                for module in profile.modules
+                if module.startswith(prefix)
+                and (prefix.endswith(".") or module == prefix or module.startswith(prefix + "."))
+            }
+        )
+        ok = ok and not present
+        detail = ", ".join(f"{m} {profile.ms(m)}" for m in ONE_SHOT_SHOWN if profile.has(m))
+        verdict = f"FAIL, imported: {', '.join(present)}" if present else "ok"
+        lines.append(
+            f"  {name:7} {len(profile.modules)} modules, all imports "
+            f"{profile.top_level_us / 1000:.0f} ms; {detail}"
+        )
+        lines.append(f"  {'':7} absent: {', '.join(forbidden)} -> {verdict}")
+    return lines, ok
+
+
+def print_usage_table(rows: list[Row]) -> None:
+    """Section 5: wall time, CPU time (steadier on a loaded machine) and peak RSS."""
+    headers = ("contender", "n", "wall ms", "p90 ms", "cpu ms", "peak RSS MiB", "vs shell")
+    cells = []
+    for row in rows:
+        c, base = row.contender, row.baseline
+        ratio = ""
+        if base is c:
+            ratio = "baseline"
+        elif base is not None:
+            wall = c.median_ms / base.median_ms
+            cpu = statistics.median(c.cpu) / statistics.median(base.cpu)
+            ratio = f"{wall:.1f}x wall, {cpu:.1f}x cpu"
+        cells.append(
+            (
+                c.name,
+                str(len(c.times)),
+                f"{c.median_ms:.0f}",
+                f"{c.p90_ms:.0f}",
+                f"{statistics.median(c.cpu) * 1000:.0f}",
+                f"{max(c.rss_mib):.1f}",
+                ratio,
+            )
+        )
+    widths = [max(len(h), *(len(cell[i]) for cell in cells)) for i, h in enumerate(headers)]
+    aligns = ("<", ">", ">", ">", ">", ">", "<")
+
+    def line(values: tuple[str, ...]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, aligns, widths, strict=True))
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for values in cells:
+        print(line(values))
 
 
 NOTES = """\
@@ -650,35 +952,77 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (< 30 s)")
     parser.add_argument(
-        "--skip-kube", action="store_true", help="leave out section 4 (KubeSim, kubernetes SDK)"
+        "--skip-kube",
+        action="store_true",
+        help="leave out sections 4 and 5 (KubeSim, the real API server, kubernetes SDK)",
+    )
+    parser.add_argument(
+        "--cold-only", action="store_true", help="only section 5 (cold start, real API server)"
+    )
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=servers.ROOT,
+        metavar="DIR",
+        help="run lg-rotate from the rotator/ and providers/ of DIR (e.g. a git worktree of "
+        "an older commit, for before/after figures); default: this repository",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="section 5 also runs `rotate` and `emit` from DIR's rotator/ and providers/, "
+        "interleaved with the others (before/after under the same load)",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
+    load_before = os.getloadavg()
     rows: list[Row] = []
+    cold_rows: list[Row] = []
+    import_lines: list[str] = []
+    imports_ok = True
     try:
-        with started_servers() as env:
+        with started_servers(args.src.resolve()) as env:
             print(
                 f"servers: OpenBao {env.bao.addr}, LinuxGuard sandbox {env.sandbox.url} "
-                f"({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs)",
+                f"({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs, "
+                f"lg-rotate from {args.src})",
                 flush=True,
             )
-            rows += bench_read(env, plan)
-            rotate_rows, vault_only = bench_rotate(env, plan)
-            rows += rotate_rows
-            startup_rows, import_lines, imports_ok = bench_startup(env, plan)
-            rows += startup_rows
+            if not args.cold_only:
+                rows += bench_read(env, plan)
+                rotate_rows, vault_only = bench_rotate(env, plan)
+                rows += rotate_rows
+                startup_rows, import_lines, imports_ok = bench_startup(env, plan)
+                rows += startup_rows
+                if not args.skip_kube:
+                    rows += bench_kube(env, plan, vault_only)
             if not args.skip_kube:
-                rows += bench_kube(env, plan, vault_only)
-    except BenchmarkError as exc:
+                compare = args.compare.resolve() if args.compare else None
+                cold_rows, cold_lines, cold_ok = bench_cold(env, plan, compare)
+                import_lines += ["", *cold_lines] if import_lines else cold_lines
+                imports_ok = imports_ok and cold_ok
+    except (BenchmarkError, RuntimeError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
+    load_after = os.getloadavg()
     print()
-    print_table(rows)
-    print()
+    if rows:
+        print_table(rows)
+        print()
+    if cold_rows:
+        print("5 cold start: one process per run, spawn to exit; real kube-apiserver on loopback")
+        print_usage_table(cold_rows)
+        print()
     print("\n".join(import_lines))
     print()
     print(NOTES, end="")
+    print(
+        "load average (1, 5, 15 min): "
+        f"{', '.join(f'{v:.1f}' for v in load_before)} before, "
+        f"{', '.join(f'{v:.1f}' for v in load_after)} after"
+    )
     print(f"total {time.monotonic() - started:.1f} s")
     return 0 if imports_ok else 1
 

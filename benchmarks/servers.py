@@ -1,4 +1,5 @@
-"""Local servers for the benchmarks: OpenBao (real binary), the LinuxGuard sandbox, KubeSim.
+"""Local servers for the benchmarks: OpenBao (real binary), the LinuxGuard sandbox, KubeSim,
+a real control plane (etcd + kube-apiserver from ``$KUBEBUILDER_ASSETS``).
 
 Each starts on a free loopback port, is polled for readiness against a deadline and is
 stopped through its own handle (the OpenBao process, the sandbox object, the emulator
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +132,54 @@ def _reachable(url: str) -> bool:
         return True  # any HTTP answer means it is serving
     except (urllib.error.URLError, OSError):
         return False
+
+
+def envtest_assets() -> Path:
+    """``$KUBEBUILDER_ASSETS`` (etcd, kube-apiserver), else unpacked from ../shared/envtest."""
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets:
+        return Path(assets)
+    script = ROOT.parent / "shared" / "envtest" / "control-plane"
+    if script.is_file():
+        done = subprocess.run(
+            [shutil.which("bash") or "/bin/bash", str(script), "assets"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode == 0 and done.stdout.strip():
+            return Path(done.stdout.strip().splitlines()[-1])
+    raise RuntimeError(
+        "a real API server is needed: export KUBEBUILDER_ASSETS=$(../shared/envtest/control-plane "
+        "assets) (or setup-envtest use -p path), or pass --skip-kube"
+    )
+
+
+def start_control_plane(workdir: Path) -> Any:
+    """etcd + kube-apiserver from ``$KUBEBUILDER_ASSETS`` (tests/fixtures/cluster.py's Cluster).
+
+    Without kube-controller-manager (a folder of links to the other two): nothing measured
+    here needs a controller, and it would only add load. Returns the started ``Cluster``;
+    ``stop()`` it.
+    """
+    use_test_helpers()
+    from fixtures.cluster import Cluster
+
+    assets = envtest_assets()
+    links = workdir / "assets"
+    links.mkdir(parents=True, exist_ok=True)
+    for binary in ("etcd", "kube-apiserver"):
+        if not (assets / binary).is_file():
+            raise RuntimeError(f"{assets} has no {binary} (KUBEBUILDER_ASSETS)")
+        (links / binary).symlink_to(assets / binary)
+    (workdir / "k8s").mkdir()
+    cluster = Cluster(links, workdir / "k8s")
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def start_kube() -> Any:

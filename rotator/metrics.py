@@ -1,12 +1,19 @@
-"""Prometheus metrics and the health endpoints of the controller, in plain Python.
+"""Prometheus metrics (through ``prometheus_client``) and the health endpoints.
 
-A tiny, dependency-free implementation of what ``lg-rotate watch`` needs: counters,
-gauges (set, or computed at scrape time), and one histogram, rendered in the Prometheus
-text exposition format (version 0.0.4), and a threaded HTTP server answering
+The metrics of ``lg-rotate watch`` and ``lg-rotate webhook``: counters, gauges (set, or
+computed at scrape time) and histograms, each process (each controller, in tests) with a
+registry of its own (a ``prometheus_client.CollectorRegistry``, never the library's global
+one), and a threaded HTTP server answering
 
-* ``GET /metrics``: the exposition (``text/plain; version=0.0.4``);
-* ``GET /healthz``: liveness, ``200`` while the controller's loops are alive, else ``503``;
-* ``GET /readyz``: readiness, ``200`` when the controller can do its job, else ``503``.
+* ``GET /metrics``: the exposition, in the format the scraper asks for (``Accept``):
+  OpenMetrics for Prometheus, else the text format;
+* ``GET /healthz``: liveness, ``200`` while the process's loops are alive, else ``503``;
+* ``GET /readyz``: readiness, ``200`` when it can do its job, else ``503``.
+
+``prometheus_client`` is imported when the first metric is made, so a module that only
+imports this one (``rotator.kube.controller``, on the ``rotate --restart`` path) does not
+load it: only the processes that serve metrics do. No ``*_created`` series are exposed
+(the hand-written exposition before had none; dashboards see the same series).
 
 The health answers are small JSON documents saying why. Nothing here ever sees a token:
 labels and values are counts, seconds and fixed words.
@@ -17,10 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -34,66 +46,56 @@ __all__ = [
 
 log = logging.getLogger("lg_rotate.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # (healthy, details) for /healthz and /readyz
 HealthCheck = Callable[[], tuple[bool, Mapping[str, Any]]]
 
-LabelValues = tuple[str, ...]
+_created_off = False
+_created_lock = threading.Lock()
 
 
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+def _prometheus() -> Any:
+    """``prometheus_client``, imported on first use, ``*_created`` series switched off."""
+    global _created_off  # noqa: PLW0603 - the library's switch is process-wide too
+    import prometheus_client
 
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _labels_text(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(
-        f'{name}="{_escape_label(value)}"' for name, value in zip(names, values, strict=True)
-    )
-    return "{" + pairs + "}"
+    with _created_lock:
+        if not _created_off:
+            prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+            _created_off = True
+    return prometheus_client
 
 
 class _Metric:
-    kind = "untyped"
+    """One metric family: its name, help and label names, and its collector once made."""
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.help = help
         self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
+        self._registry: Registry | None = None
 
-    def _key(self, labels: Mapping[str, str]) -> LabelValues:
+    def _check(self, labels: Mapping[str, str]) -> dict[str, str]:
         if set(labels) != set(self.labelnames):
             raise ValueError(
                 f"metric {self.name} takes labels {sorted(self.labelnames)}, got {sorted(labels)}"
             )
-        return tuple(str(labels[name]) for name in self.labelnames)
+        return {name: str(labels[name]) for name in self.labelnames}
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> list[str]:
+    def collector(self) -> Any:
+        """What is registered with the ``CollectorRegistry``."""
         raise NotImplementedError
 
-    def render(self) -> list[str]:
-        return self.header() + self.samples()
+    def _sample(self, sample_name: str, labels: Mapping[str, str]) -> float | None:
+        if self._registry is None:  # not registered: read the collector itself
+            for family in self.collector().collect():
+                for sample in family.samples:
+                    if sample.name == sample_name and sample.labels == dict(labels):
+                        return float(sample.value)
+            return None
+        value = self._registry.collector_registry.get_sample_value(sample_name, dict(labels))
+        return None if value is None else float(value)
 
 
 M = TypeVar("M", bound=_Metric)
@@ -101,8 +103,6 @@ M = TypeVar("M", bound=_Metric)
 
 class Counter(_Metric):
     """A monotonically increasing count; ``inc(**labels)``. Listed label sets start at 0."""
-
-    kind = "counter"
 
     def __init__(
         self,
@@ -113,40 +113,33 @@ class Counter(_Metric):
         initial: Iterable[Mapping[str, str]] = (),
     ) -> None:
         super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {}
-        if not self.labelnames:
-            self._values[()] = 0.0
+        self._counter = _prometheus().Counter(name, help, self.labelnames, registry=None)
         for labels in initial:
-            self._values[self._key(labels)] = 0.0
+            self._child(labels)
+
+    def collector(self) -> Any:
+        return self._counter
+
+    def _child(self, labels: Mapping[str, str]) -> Any:
+        checked = self._check(labels)
+        return self._counter.labels(**checked) if self.labelnames else self._counter
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
     def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [
-            f"{self.name}{_labels_text(self.labelnames, key)} {_format_value(value)}"
-            for key, value in items
-        ]
+        sample = self.name if self.name.endswith("_total") else f"{self.name}_total"
+        return self._sample(sample, self._check(labels)) or 0.0
 
 
 class Gauge(_Metric):
     """A value that goes up and down: ``set(v, **labels)``, or ``collect`` at scrape time.
 
     ``collect`` returns the current value (or None to emit no sample) for a gauge
-    without labels.
+    without labels; a failing ``collect`` emits no sample either.
     """
-
-    kind = "gauge"
 
     def __init__(
         self,
@@ -160,39 +153,56 @@ class Gauge(_Metric):
         if collect is not None and self.labelnames:
             raise ValueError("a collected gauge has no labels")
         self._collect = collect
-        self._values: dict[LabelValues, float] = {}
+        self._gauge: Any = (
+            _CollectedGauge(name, help, collect)
+            if collect is not None
+            else _prometheus().Gauge(name, help, self.labelnames, registry=None)
+        )
+
+    def collector(self) -> Any:
+        return self._gauge
 
     def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        if self._collect is not None:
+            raise ValueError(f"gauge {self.name} is collected at scrape time")
+        checked = self._check(labels)
+        (self._gauge.labels(**checked) if self.labelnames else self._gauge).set(float(value))
 
     def value(self, **labels: str) -> float | None:
         if self._collect is not None:
             return self._collect()
-        with self._lock:
-            return self._values.get(self._key(labels))
+        return self._sample(self.name, self._check(labels))
 
-    def samples(self) -> list[str]:
-        if self._collect is not None:
-            try:
-                value = self._collect()
-            except Exception:  # a scrape must never fail because of one gauge
-                log.debug("gauge %s could not be collected", self.name, exc_info=True)
-                value = None
-            return [] if value is None else [f"{self.name} {_format_value(value)}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        return [
-            f"{self.name}{_labels_text(self.labelnames, key)} {_format_value(value)}"
-            for key, value in items
-        ]
+
+class _CollectedGauge:
+    """A gauge whose one sample is computed at scrape time (a custom collector)."""
+
+    def __init__(self, name: str, help: str, compute: Callable[[], float | None]) -> None:
+        self.name = name
+        self.help = help
+        self.compute = compute
+
+    def describe(self) -> list[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        return [GaugeMetricFamily(self.name, self.help)]
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(self.name, self.help)
+        try:
+            value = self.compute()
+        except Exception:  # a scrape must never fail because of one gauge
+            log.debug("gauge %s could not be collected", self.name, exc_info=True)
+            value = None
+        if value is not None:
+            family.add_metric([], float(value))
+        yield family
 
 
 class Histogram(_Metric):
     """Observations counted into cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
 
     def __init__(self, name: str, help: str, *, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         super().__init__(name, help)
@@ -200,45 +210,34 @@ class Histogram(_Metric):
         if not bounds:
             raise ValueError("a histogram needs at least one finite bucket")
         self.bounds = tuple(bounds)
-        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        self._count = 0
+        self._histogram = _prometheus().Histogram(name, help, buckets=self.bounds, registry=None)
+
+    def collector(self) -> Any:
+        return self._histogram
 
     def observe(self, value: float) -> None:
-        with self._lock:
-            for index, bound in enumerate(self.bounds):
-                if value <= bound:
-                    self._counts[index] += 1
-                    break
-            else:
-                self._counts[-1] += 1
-            self._sum += value
-            self._count += 1
+        self._histogram.observe(value)
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return self._count
+        return int(self._sample(f"{self.name}_count", {}) or 0)
 
-    def samples(self) -> list[str]:
-        with self._lock:
-            counts, total, count = list(self._counts), self._sum, self._count
-        lines = []
-        cumulative = 0
-        for bound, bucket in zip((*self.bounds, math.inf), counts, strict=True):
-            cumulative += bucket
-            le = "+Inf" if math.isinf(bound) else _format_value(bound)
-            lines.append(f'{self.name}_bucket{{le="{le}"}} {cumulative}')
-        lines.append(f"{self.name}_sum {_format_value(total)}")
-        lines.append(f"{self.name}_count {count}")
-        return lines
+    @property
+    def sum(self) -> float:
+        return self._sample(f"{self.name}_sum", {}) or 0.0
 
 
 class Registry:
-    """The metrics one process exposes, rendered in registration order."""
+    """The metrics one process (or one controller) exposes, in registration order.
+
+    Backed by a ``prometheus_client.CollectorRegistry`` of its own
+    (:attr:`collector_registry`): several controllers in one process (tests) never mix.
+    """
 
     def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
+        self.collector_registry: CollectorRegistry = _prometheus().CollectorRegistry(
+            auto_describe=True
+        )
         self._names: set[str] = set()
         self._lock = threading.Lock()
 
@@ -246,17 +245,23 @@ class Registry:
         with self._lock:
             if metric.name in self._names:
                 raise ValueError(f"metric {metric.name} is already registered")
+            self.collector_registry.register(metric.collector())
             self._names.add(metric.name)
-            self._metrics.append(metric)
+            metric._registry = self
         return metric
 
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The body and Content-Type for a scrape whose ``Accept`` header is ``accept``."""
+        _prometheus()
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.collector_registry), content_type
+
     def render(self) -> str:
-        with self._lock:
-            metrics = list(self._metrics)
-        lines: list[str] = []
-        for metric in metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        """The text exposition format."""
+        text: bytes = _prometheus().generate_latest(self.collector_registry)
+        return text.decode()
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -267,6 +272,10 @@ class _HTTPServer(ThreadingHTTPServer):
     readiness: HealthCheck
 
 
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
@@ -275,7 +284,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, self.server.registry.render().encode(), CONTENT_TYPE)
+            body, content_type = self.server.registry.exposition(self.headers.get("Accept"))
+            self._send(200, body, content_type)
         elif path in {"/healthz", "/livez"}:
             self._health(self.server.liveness)
         elif path == "/readyz":
@@ -308,7 +318,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on one port (``port=0``: any free one)."""
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one port (``port=0``: any free one).
+
+    ``host`` is an IPv4 or IPv6 address (``0.0.0.0``, ``::``, ``127.0.0.1``); see
+    ``rotator.config.bind_address`` for the ``--metrics-bind-address`` spelling.
+    """
 
     def __init__(
         self,
@@ -330,7 +344,8 @@ class MetricsServer:
     def start(self) -> MetricsServer:
         if self._http is not None:
             raise RuntimeError("the metrics server is already running")
-        server = _HTTPServer((self.host, self._requested_port), _Handler)
+        kind = _HTTPServer6 if ":" in self.host else _HTTPServer
+        server = kind((self.host, self._requested_port), _Handler)
         server.registry = self.registry
         server.liveness = self.liveness
         server.readiness = self.readiness
@@ -363,6 +378,6 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in {"0.0.0.0", ""} else self.host  # noqa: S104
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"

@@ -1080,7 +1080,7 @@ def burst_shared_secret(
         unenrolled=nodes - len(enrolled),
         deletions=int(controller.metrics.recoveries.value(action="delete")),
         rotations=status.rotations,
-        rotation_ms=1000 * controller.metrics.rotation_duration._sum / max(1, status.rotations),
+        rotation_ms=1000 * controller.metrics.rotation_duration.sum / max(1, status.rotations),
         seconds_to_all_enrolled=(
             max(enrolled.values()) - began if len(enrolled) == nodes else None
         ),

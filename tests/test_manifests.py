@@ -710,8 +710,11 @@ WATCH_PER_POD_RIGHTS = {
 
 @pytest.fixture(scope="module")
 def variants() -> dict[str, list[dict[str, Any]]]:
+    """The overlays with the per-pod component alone (monitoring: its own section below)."""
     return {
-        name: manifests.documents(manifests.render_variant(name)) for name in manifests.VARIANTS
+        name: manifests.documents(manifests.render_variant(name))
+        for name in manifests.VARIANTS
+        if name.endswith("+per-pod")
     }
 
 
@@ -889,3 +892,95 @@ def test_without_cert_manager_as_docs_per_pod_says(
         configuration["metadata"].get("annotations") or {}
     )
     assert len(docs) == len(variants["cronjob/overlays/vault+per-pod"]) - 4
+
+
+# --- the optional monitoring component (cronjob/components/monitoring) -------------------------
+
+MONITORING = "cronjob/components/monitoring"
+
+
+def test_the_monitoring_component_adds_two_pod_monitors_to_every_overlay(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    spec = yaml.safe_load((ROOT / MONITORING / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component"
+    files = {p.name for p in (ROOT / MONITORING).glob("*.yaml")} - {"kustomization.yaml"}
+    assert files == set(spec["resources"])
+    for overlay in manifests.OVERLAYS:
+        docs = manifests.documents(manifests.render_variant(f"{overlay}+monitoring"))
+        added = [d for d in docs if d["kind"] == "PodMonitor"]
+        assert sorted(d["metadata"]["name"] for d in added) == [
+            "lg-rotate-watch",
+            "lg-rotate-webhook",
+        ]
+        assert len(docs) == len(rendered[overlay]) + 2
+        assert manifests.validate(docs) == [], overlay  # PodMonitor: the local schema
+        base = {(d["kind"], d["metadata"]["name"]): d for d in rendered[overlay]}
+        for doc in docs:
+            if doc["kind"] != "PodMonitor":
+                assert doc == base[(doc["kind"], doc["metadata"]["name"])]  # only adds
+            else:
+                assert doc["metadata"]["namespace"] == "linuxguard"
+        # The watch PodMonitor scrapes what the watch Deployment serves, where it serves it.
+        monitor = _find(docs, "PodMonitor", "lg-rotate-watch")["spec"]
+        pod = _find(docs, "Deployment", "lg-rotate-watch")["spec"]["template"]
+        assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        (endpoint,) = monitor["podMetricsEndpoints"]
+        (container,) = pod["spec"]["containers"]
+        (port,) = [p for p in container["ports"] if p["name"] == endpoint["port"]]
+        args = container["args"]
+        assert args[args.index("--metrics-bind-address") + 1] == f":{port['containerPort']}"
+        assert (endpoint["scheme"], endpoint["path"]) == ("http", "/metrics")
+        # Prometheus (namespace monitoring) may reach that port through the base policy.
+        policy = _find(docs, "NetworkPolicy", "lg-rotate")["spec"]
+        assert any(
+            rule_port["port"] == port["containerPort"]
+            for rule in policy["ingress"]
+            for rule_port in rule["ports"]
+        )
+
+
+def test_the_monitoring_component_scrapes_the_webhook_over_verified_https() -> None:
+    docs = manifests.documents(
+        manifests.render_variant("cronjob/overlays/vault+per-pod+monitoring")
+    )
+    assert manifests.validate(docs) == []
+    monitor = _find(docs, "PodMonitor", "lg-rotate-webhook")["spec"]
+    pod = _find(docs, "Deployment", "lg-rotate-webhook")["spec"]["template"]
+    assert monitor["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    (container,) = pod["spec"]["containers"]
+    (port,) = [p for p in container["ports"] if p["name"] == endpoint["port"]]
+    assert endpoint["scheme"] == "https"
+    tls = endpoint["tlsConfig"]
+    assert not tls.get("insecureSkipVerify")
+    certificate = _find(docs, "Certificate", "lg-rotate-webhook")["spec"]
+    assert tls["ca"]["secret"] == {"name": certificate["secretName"], "key": "ca.crt"}
+    assert tls["serverName"] in certificate["dnsNames"]
+    policy = _find(docs, "NetworkPolicy", "lg-rotate-webhook")["spec"]
+    monitoring_ports = {
+        rule_port["port"]
+        for rule in policy["ingress"]
+        if any(
+            (peer.get("namespaceSelector") or {})
+            .get("matchLabels", {})
+            .get("kubernetes.io/metadata.name")
+            == "monitoring"
+            for peer in rule["from"]
+        )
+        for rule_port in rule["ports"]
+    }
+    assert port["containerPort"] in monitoring_ports
+
+
+def test_pod_monitors_are_validated_not_skipped() -> None:
+    """monitoring.coreos.com has no built-in schema: a local one checks the fields used."""
+    docs = manifests.documents(manifests.render_variant("cronjob/overlays/vault+monitoring"))
+    monitor = copy.deepcopy(_find(docs, "PodMonitor", "lg-rotate-watch"))
+    assert manifests.validate([monitor]) == []
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    problems = manifests.validate([monitor])
+    assert any("intervall" in problem for problem in problems), problems
+    monitor = copy.deepcopy(_find(docs, "PodMonitor", "lg-rotate-watch"))
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "half a minute"
+    assert manifests.validate([monitor]) != []

@@ -360,7 +360,7 @@ def test_watch_leads_rotates_and_stops_on_sigterm(
     assert args[0] == "watch"
     assert "--selector" in args
     port = free_port()
-    args[args.index("--metrics-port") + 1] = str(port)
+    args[args.index("--metrics-bind-address") + 1] = f"127.0.0.1:{port}"
     watch = subprocess.Popen(
         [sys.executable, "-m", "rotator.cli", *args, "--leader-lease-duration", "5"],
         env=cli_env(install, WATCH_SA, sandbox),

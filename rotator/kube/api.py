@@ -2,11 +2,18 @@
 
 The official ``kubernetes`` client is imported inside the functions that use it, so
 importing this package stays cheap (``lg-rotate --help`` and the Docker wrapper never pay
-for it).
+for it). Only its plumbing is used: ``kubernetes.config`` (kubeconfig contexts, exec
+plugins, in-cluster), ``ApiClient`` (authentication headers, TLS, the connection pool) and
+its REST layer. Every call is a plain JSON request, :func:`api_request` (method, path,
+query, body), never a generated API class (``CoreV1Api`` and co.): importing one builds
+pydantic models for the types its methods mention, over a second for ``CoreV1Api`` with
+kubernetes 37, which a one-shot ``lg-rotate rotate`` would pay on every run.
+:func:`official_client` also keeps ``kubernetes/__init__.py`` from importing the dynamic
+client, the websocket streams and the rest on that path (``tests/test_cold_start.py``).
 
-Answers are read as plain JSON (``_preload_content=False``) rather than through the
-client's generated models: the models' validation differs between client releases, and
-the JSON is exactly what the API server documents.
+Answers are read as plain JSON rather than through the client's generated models: the
+models' validation differs between client releases, and the JSON is exactly what the API
+server documents.
 
 Security: the token only ever travels in the ``data`` of a create/patch body. Errors from
 write requests never quote the server's answer (an admission webhook or a validation error
@@ -17,14 +24,20 @@ includes that answer).
 from __future__ import annotations
 
 import base64
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import quote
 
 from rotator.errors import (
     ConfigError,
@@ -36,6 +49,7 @@ from rotator.tokens import (
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+    from urllib3 import BaseHTTPResponse
 
 logger = logging.getLogger("lg_rotate.kube")
 
@@ -45,6 +59,26 @@ FIELD_MANAGER = "lg-rotate"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 DEFAULT_REQUEST_TIMEOUT = 30.0
 MERGE_PATCH = "application/merge-patch+json"
+JSON = "application/json"
+# Metadata only (no data: never a token) for a Secret list or get: the API server's
+# PartialObjectMetadata conversion, asked for in the Accept header.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io"
+METADATA_ONE = "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"
+# The API paths lg-rotate calls; {namespace} and {name} come from the call's ApiOp.
+SECRETS_PATH = "/api/v1/namespaces/{namespace}/secrets"
+SECRET_PATH = SECRETS_PATH + "/{name}"
+PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
+POD_PATH = PODS_PATH + "/{name}"
+EVENTS_PATH = "/api/v1/namespaces/{namespace}/events"
+LEASES_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+LEASE_PATH = LEASES_PATH + "/{name}"
+
+
+def workload_path(resource: str) -> str:
+    """The path of an ``apps/v1`` workload: ``daemonsets``, ``deployments``, ``statefulsets``."""
+    return f"/apis/apps/v1/namespaces/{{namespace}}/{resource}/{{name}}"
+
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
@@ -59,6 +93,10 @@ class KubernetesNotFoundError(KubernetesError):
 
 class KubernetesConflictError(KubernetesError):
     """409: a concurrent writer changed the object (stale resourceVersion), or it exists."""
+
+
+class KubernetesForbiddenError(KubernetesError):
+    """403: RBAC (or an admission policy) refused the call."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +147,7 @@ def api_error(exc: Any, op: ApiOp) -> KubernetesError:  # noqa: PLR0911 - one an
             if op.name and op.verb not in ("create", "list", "watch")
             else ""
         )
-        return KubernetesError(
+        return KubernetesForbiddenError(
             f"forbidden (403): lg-rotate may not {op.verb} {op.what}; it needs the RBAC verb "
             f"'{op.verb}' on '{op.resource}{group}' in namespace {op.namespace!r}",
             fix=f'add to its Role: apiGroups: ["{op.group}"], resources: ["{op.resource}"], '
@@ -171,27 +209,217 @@ def transport_reason(exc: BaseException) -> str:
     return type(getattr(exc, "reason", None) or exc).__name__
 
 
-def api_request(
-    api_client: ApiClient, op: ApiOp, call: Callable[..., Any], /, **kwargs: Any
+# --- the official client, without its generated API classes -----------------------------
+
+
+@dataclass(frozen=True)
+class OfficialClient:
+    """The parts of the official ``kubernetes`` client lg-rotate uses."""
+
+    config: Any  # the kubernetes.config module: kubeconfig, exec plugins, in-cluster
+    api_client_type: type[ApiClient]
+    configuration_type: Any  # kubernetes.client.Configuration
+    api_exception: type[Exception]  # kubernetes.client.exceptions.ApiException
+
+
+_official: OfficialClient | None = None
+_official_lock = threading.Lock()
+
+
+def official_client() -> OfficialClient:
+    """Import ``kubernetes.config`` and ``kubernetes.client.api_client``, and nothing more.
+
+    ``import kubernetes.<anything>`` first runs ``kubernetes/__init__.py``, which imports
+    ``kubernetes.config`` and also the dynamic client (``kubernetes_validate`` and
+    jsonschema when installed), the websocket streams, the informer, leader election and
+    the utilities: a third of a second of CPU here that a one-shot rotation never uses. So,
+    unless something in this process imported ``kubernetes`` already, the package is
+    registered without running its ``__init__`` (:func:`_defer_package_init`); its
+    submodules import as usual, and the first attribute asked of the package that is not
+    there yet (``kubernetes.__version__``, ``from kubernetes import dynamic``) runs the real
+    ``__init__``. ``kubernetes.client`` itself is lazy (kubernetes 37): its API classes and
+    models are imported only when named, and lg-rotate never names them. google-auth, which
+    ``kubernetes.config`` imports for the legacy ``gcp`` auth provider, is imported only
+    when a kubeconfig uses that provider (:func:`_import_kube_config`).
+    """
+    global _official  # noqa: PLW0603 - a process-wide import, done once
+    with _official_lock:
+        if _official is None:
+            _defer_package_init("kubernetes")
+            try:
+                config = _import_kube_config()
+                api_client_module = importlib.import_module("kubernetes.client.api_client")
+                configuration_module = importlib.import_module("kubernetes.client.configuration")
+                exceptions_module = importlib.import_module("kubernetes.client.exceptions")
+            except ImportError as exc:
+                raise ConfigError(
+                    f"the Kubernetes client is not usable: {exc}",
+                    fix="pip install 'linuxguard-rotator' (it depends on kubernetes), or pass "
+                    "--target none to only mint and store",
+                ) from exc
+            _official = OfficialClient(
+                config=config,
+                api_client_type=api_client_module.ApiClient,
+                configuration_type=configuration_module.Configuration,
+                api_exception=exceptions_module.ApiException,
+            )
+        return _official
+
+
+def _import_kube_config() -> ModuleType:
+    """``kubernetes.config``, with google-auth imported only if a kubeconfig needs it.
+
+    ``kubernetes.config.kube_config`` tries ``import google.auth`` (and its requests
+    transport, which loads the ``cryptography`` primitives) at import, for kubeconfig users
+    with ``auth-provider: {name: gcp}``, the provider kubectl dropped in 1.26 for the
+    ``gke-gcloud-auth-plugin`` exec plugin. That is about 80 ms of CPU and 13 MiB per run
+    where google-auth is installed (the image's GCP extra). So the module is imported with
+    google.auth hidden, then given, in place of the ``google`` it would have imported, a
+    stand-in that imports google.auth on first use; ``google_auth_available`` is set as
+    the module would have set it. Those two globals are all it reads at refresh time.
+    """
+    if "kubernetes.config.kube_config" in sys.modules or "google.auth" in sys.modules:
+        return importlib.import_module("kubernetes.config")
+    sys.modules["google.auth"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        config = importlib.import_module("kubernetes.config")
+    finally:
+        if sys.modules.get("google.auth", False) is None:
+            del sys.modules["google.auth"]
+    kube_config = sys.modules["kubernetes.config.kube_config"]
+    if not getattr(kube_config, "google_auth_available", True) and _installed("google.auth"):
+        kube_config.google = _GoogleOnDemand()  # type: ignore[attr-defined]
+        kube_config.google_auth_available = True  # type: ignore[attr-defined]
+    return config
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
+
+
+class _GoogleOnDemand:
+    """Stands for the ``google`` package in ``kube_config``: imports google-auth when used."""
+
+    def __getattr__(self, name: str) -> Any:
+        importlib.import_module("google.auth")
+        importlib.import_module("google.auth.transport.requests")
+        return getattr(sys.modules["google"], name)
+
+
+def _defer_package_init(name: str) -> None:
+    """Register package ``name`` in ``sys.modules`` without running its ``__init__`` yet.
+
+    Its submodules import as usual (the module has the real ``__path__`` and spec). The
+    first attribute looked up on it that it does not have runs the real ``__init__`` in
+    it (a module ``__getattr__``, PEP 562), so code that imports the package the ordinary
+    way later in the process (tests, ``lg-rotate audit --cluster``) sees the whole package.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return  # not installed, or not a package: the import that follows says so
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    lock = threading.RLock()
+
+    def complete(attribute: str) -> Any:
+        with lock:
+            if package.__dict__.get("__getattr__") is complete:
+                del package.__dict__["__getattr__"]
+                logger.debug("importing the whole %s package (for %s)", name, attribute)
+                loader.exec_module(package)
+        return ModuleType.__getattribute__(package, attribute)
+
+    package.__dict__["__getattr__"] = complete
+    sys.modules[name] = package
+
+
+# --- one API call ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """A non-2xx answer, shaped like the client's ``ApiException`` for :func:`api_error`."""
+
+    status: int
+    reason: str
+    body: str
+
+
+Query = Mapping[str, str | int | bool | None]
+
+
+def api_path(path: str, op: ApiOp) -> str:
+    """``path`` with ``{namespace}`` and ``{name}`` filled in from ``op``, URL-quoted."""
+    if "{name}" in path and not op.name:  # else ".../secrets/": the whole collection
+        raise ValueError(f"{path} needs an ApiOp with a name ({op.verb} {op.kind})")
+    return path.format(namespace=quote(op.namespace, safe=""), name=quote(op.name or "", safe=""))
+
+
+def _query_pairs(query: Query | None) -> list[tuple[str, str]]:
+    pairs = []
+    for key, value in (query or {}).items():
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        pairs.append((key, text))
+    return pairs
+
+
+def _send(
+    api_client: ApiClient,
+    op: ApiOp,
+    method: str,
+    path: str,
+    *,
+    query: Query | None,
+    body: Any,
+    content_type: str | None,
+    accept: str,
+    timeout: float | tuple[float, float] | None,
 ) -> Any:
-    """Run one API call and return its JSON answer; raise lg-rotate errors only."""
-    from kubernetes.client.exceptions import ApiException
+    """Send one request through the client's ``ApiClient``; its ``RESTResponse`` if 2xx.
+
+    ``param_serialize`` with the ``BearerToken`` auth setting is what the generated API
+    classes call too: it adds the default headers and the bearer token, refreshed by the
+    kubeconfig's exec plugin or the in-cluster token file when due.
+    """
     from urllib3.exceptions import HTTPError as TransportError
 
+    official = official_client()
+    headers = {"Accept": accept}
+    if body is not None:
+        headers["Content-Type"] = content_type or JSON
     refused: KubernetesError | None = None
     try:
-        response = call(_preload_content=False, **kwargs)
-        try:
-            data = response.data
-        finally:
-            release = getattr(response, "release_conn", None)
-            if callable(release):
-                release()
-    except ApiException as exc:
-        refused = api_error(exc, op)
-        if not op.writes:
-            raise refused from exc
-    except TransportError as exc:
+        request = api_client.param_serialize(
+            method=method,
+            resource_path=api_path(path, op),
+            query_params=_query_pairs(query),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = api_client.call_api(*request, _request_timeout=timeout)
+        if not 200 <= int(response.status) <= 299:
+            try:
+                answer = response.read() or b""  # type: ignore[no-untyped-call]
+            finally:
+                response.response.release_conn()
+            refused = api_error(
+                _Refusal(
+                    status=int(response.status),
+                    reason=str(response.reason or ""),
+                    body=answer.decode("utf-8", "replace"),
+                ),
+                op,
+            )
+    except (TransportError, official.api_exception) as exc:
+        # The REST layer turns TLS failures into an ApiException with status 0.
         host = getattr(getattr(api_client, "configuration", None), "host", "?")
         raise KubernetesError(
             f"cannot reach the Kubernetes API at {host} to {op.verb} {op.what}: "
@@ -200,9 +428,85 @@ def api_request(
             "the API server is up, and that a NetworkPolicy allows egress to it",
         ) from exc
     if refused is not None:
-        # Raised outside the handler: no __context__ either, since the client's exception
-        # text quotes the server's answer, which may echo the request body (the token).
+        # Raised outside any handler and chained to nothing: the answer to a write may echo
+        # the request body (the token); api_error quotes it only for reads.
         raise refused
+    return response
+
+
+def api_request(
+    api_client: ApiClient,
+    op: ApiOp,
+    method: str,
+    path: str,
+    /,
+    *,
+    query: Query | None = None,
+    body: Any = None,
+    content_type: str | None = None,
+    accept: str = JSON,
+    timeout: float | tuple[float, float] | None = DEFAULT_REQUEST_TIMEOUT,
+) -> Any:
+    """Send one request and return its JSON answer; raise lg-rotate errors only.
+
+    ``path`` is the API path with ``{namespace}`` and ``{name}`` filled in from ``op``
+    (``"/api/v1/namespaces/{namespace}/secrets/{name}"``); ``query`` the query parameters
+    (``fieldManager``, ``dryRun``, ``labelSelector``...; None values are left out, booleans
+    are ``true``/``false``); ``body`` a JSON-serialisable object, sent as ``content_type``
+    (default ``application/json``; ``MERGE_PATCH`` for a merge patch); ``accept`` the
+    answer's media type (``METADATA_LIST`` for metadata only).
+
+    Errors: :func:`api_error` (with RBAC hints) for a refusal, a transport error naming the
+    server, and never the server's answer to a write.
+    """
+    response = _send(
+        api_client,
+        op,
+        method,
+        path,
+        query=query,
+        body=body,
+        content_type=content_type,
+        accept=accept,
+        timeout=timeout,
+    )
+    try:
+        data = response.read()
+    finally:
+        response.response.release_conn()
+    return _json_answer(data, op)
+
+
+def api_stream(
+    api_client: ApiClient,
+    op: ApiOp,
+    path: str,
+    /,
+    *,
+    query: Query | None = None,
+    timeout: float | tuple[float, float] | None = DEFAULT_REQUEST_TIMEOUT,
+) -> BaseHTTPResponse:
+    """A GET whose answer is read as it arrives (a watch): the open urllib3 response.
+
+    The caller reads it (``stream()``) and releases it (``release_conn()``); errors as for
+    :func:`api_request`.
+    """
+    response = _send(
+        api_client,
+        op,
+        "GET",
+        path,
+        query=query,
+        body=None,
+        content_type=None,
+        accept=JSON,
+        timeout=timeout,
+    )
+    stream: BaseHTTPResponse = response.response
+    return stream
+
+
+def _json_answer(data: bytes | str | None, op: ApiOp) -> Any:
     try:
         return json.loads(data) if data else {}
     except ValueError:
@@ -219,22 +523,43 @@ def _raise_config(message: str, *, fix: str, cause: BaseException | None = None)
 # --- connection ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class Connection:
+    """A connected ``ApiClient`` and what kubectl would take from its configuration."""
+
+    api_client: ApiClient
+    in_cluster: bool
+    kubeconfig: str | None  # the kubeconfig file(s) read; None in-cluster
+    context: str | None  # the context used (--context, else the current one)
+    namespace: str | None  # that context's namespace, when it sets one
+
+    def describe_context(self) -> str:
+        return f"context {self.context} ({self.kubeconfig})"
+
+
 def connect(*, kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
-    """An ``ApiClient`` for the cluster lg-rotate should talk to.
+    """An ``ApiClient`` for the cluster lg-rotate should talk to (see :func:`open_connection`)."""
+    return open_connection(kubeconfig=kubeconfig, context=context).api_client
+
+
+def open_connection(*, kubeconfig: str | None = None, context: str | None = None) -> Connection:
+    """Connect to the cluster lg-rotate should talk to, and say how.
 
     Inside a pod (``KUBERNETES_SERVICE_HOST`` is set) and with neither ``kubeconfig``,
     ``KUBECONFIG`` nor ``context`` given, the pod's ServiceAccount is used (in-cluster
     configuration). Otherwise the kubeconfig is loaded: ``kubeconfig`` if given, else the
     ``KUBECONFIG`` variable (colon-separated files are merged), else ``~/.kube/config``;
-    ``context`` picks a context other than the current one.
+    ``context`` picks a context other than the current one. The connection carries the
+    context's namespace (kubectl's default namespace when ``-n`` is not given).
     """
-    from kubernetes import client, config
+    official = official_client()
+    config = official.config
 
     explicit = kubeconfig or os.environ.get("KUBECONFIG") or context
     if not explicit and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = type.__call__(client.Configuration)
+        configuration = type.__call__(official.configuration_type)
         try:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException as exc:
             _raise_config(
                 f"running in a pod, but the in-cluster Kubernetes configuration is unusable: {exc}",
@@ -242,7 +567,13 @@ def connect(*, kubeconfig: str | None = None, context: str | None = None) -> Api
                 "--kubeconfig",
                 cause=exc,
             )
-        return client.ApiClient(configuration)
+        return Connection(
+            api_client=official.api_client_type(configuration),
+            in_cluster=True,
+            kubeconfig=None,
+            context=None,
+            namespace=None,
+        )
 
     paths = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     files = [path for path in paths.split(os.pathsep) if path]
@@ -260,26 +591,9 @@ def connect(*, kubeconfig: str | None = None, context: str | None = None) -> Api
             f"{paths}",
             fix="pass --kubeconfig FILE (and --context NAME), or run lg-rotate inside the cluster",
         )
-    if context is not None:
-        try:
-            contexts, _ = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-                config_file=paths
-            )
-        except config.ConfigException as exc:
-            _raise_config(
-                f"cannot read the kubeconfig {paths}: {exc}",
-                fix="check the file (kubectl config view)",
-                cause=exc,
-            )
-        names = sorted(str(item.get("name")) for item in contexts or [])
-        if context not in names:
-            _raise_config(
-                f"the kubeconfig {paths} has no context {context!r} (it has: "
-                f"{', '.join(names) or 'none'})",
-                fix="pick one of those with --context (kubectl config get-contexts)",
-            )
+    chosen, namespace = _kubeconfig_context(paths, context)
     try:
-        api_client: ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        api_client: ApiClient = config.new_client_from_config(
             config_file=paths, context=context, persist_config=False
         )
     except config.ConfigException as exc:
@@ -294,7 +608,73 @@ def connect(*, kubeconfig: str | None = None, context: str | None = None) -> Api
             fix="check the file (kubectl config view)",
             cause=exc,
         )
-    return api_client
+    _warn_if_unverified(api_client)
+    return Connection(
+        api_client=api_client,
+        in_cluster=False,
+        kubeconfig=paths,
+        context=chosen,
+        namespace=namespace,
+    )
+
+
+_warned_unverified: set[str] = set()
+
+
+def _warn_if_unverified(api_client: ApiClient) -> None:
+    """One warning of lg-rotate's own for a kubeconfig with ``insecure-skip-tls-verify``.
+
+    urllib3 would otherwise warn on every request (an InsecureRequestWarning, two lines of
+    Python warning text each, in the middle of the JSON log stream): those are silenced,
+    for that warning class only, and only when verification is off.
+    """
+    configuration = api_client.configuration
+    if getattr(configuration, "verify_ssl", True):
+        return
+    import warnings
+
+    from urllib3.exceptions import InsecureRequestWarning
+
+    warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+    host = str(getattr(configuration, "host", "") or "the API server")
+    if host in _warned_unverified:  # once per process and server, however many clients
+        return
+    _warned_unverified.add(host)
+    logger.warning(
+        "TLS verification of the Kubernetes API is off (insecure-skip-tls-verify in the "
+        "kubeconfig): %s is not authenticated, and whoever can intercept the connection can "
+        "read the token lg-rotate writes; put the cluster's CA in certificate-authority-data "
+        "instead",
+        host,
+    )
+
+
+def _kubeconfig_context(paths: str, context: str | None) -> tuple[str | None, str | None]:
+    """The context to use (``context``, else the current one) and its namespace."""
+    config = official_client().config
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=paths)
+    except config.ConfigException as exc:
+        if context is None:  # no current context either: new_client_from_config says more
+            return None, None
+        _raise_config(
+            f"cannot read the kubeconfig {paths}: {exc}",
+            fix="check the file (kubectl config view)",
+            cause=exc,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return context, None  # left to new_client_from_config, which reports it
+    by_name = {str(item.get("name")): item for item in contexts or [] if isinstance(item, dict)}
+    if context is not None and context not in by_name:
+        _raise_config(
+            f"the kubeconfig {paths} has no context {context!r} (it has: "
+            f"{', '.join(sorted(by_name)) or 'none'})",
+            fix="pick one of those with --context (kubectl config get-contexts)",
+        )
+    name = context or (str(current.get("name")) if isinstance(current, dict) else None)
+    entry = by_name.get(name or "") or {}
+    namespace = (entry.get("context") or {}).get("namespace")
+    return name, str(namespace) if namespace else None
 
 
 # --- names -----------------------------------------------------------------------------
@@ -327,9 +707,11 @@ def b64(text: str) -> str:
 def micro_time(value: datetime) -> str:
     """A Kubernetes MicroTime: RFC 3339 with microseconds, in UTC.
 
-    Never exactly on a whole second: kubernetes client 37 turns a create body into its model
-    and back, and ``isoformat()`` then drops a zero fraction, which the API server's
-    MicroTime parser (exactly six digits) rejects. One microsecond later is harmless.
+    Never exactly on a whole second: a body that goes through the client's generated models
+    (kubernetes 37's API classes turn it into a model and back; lg-rotate's own requests no
+    longer do, tests and other tools may) loses a zero fraction to ``isoformat()``, which the
+    API server's MicroTime parser (exactly six digits) rejects. One microsecond later is
+    harmless.
     """
     value = value.astimezone(UTC)
     if value.microsecond == 0:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from rotator.errors import (
     ConfigError,
     KubernetesError,
-    LgRotateError,
 )
 from rotator.kube.api import (
     DEFAULT_REQUEST_TIMEOUT,
@@ -23,6 +22,8 @@ from rotator.kube.api import (
     MANAGED_BY_LABEL,
     MAX_CONFLICTS,
     MERGE_PATCH,
+    SECRET_PATH,
+    SECRETS_PATH,
     ApiOp,
     KubernetesConflictError,
     KubernetesNotFoundError,
@@ -32,6 +33,7 @@ from rotator.kube.api import (
     check_name,
     optional_timestamp,
 )
+from rotator.kube.events import record_event
 from rotator.targets import Delivery, TargetState
 from rotator.tokens import (
     EnrollToken,
@@ -81,7 +83,13 @@ class SecretTarget:
     times in all), never overwritten blindly. An existing Secret keeps its labels and its
     other keys: only the two keys and the five annotations change.
 
-    RBAC: ``get``, ``patch`` (``resourceNames``-scoped) and ``create`` on ``secrets``.
+    With ``events`` (the CLI's ``rotate`` and ``roll`` set it), each delivery is also
+    recorded as a ``Rotated`` Event on the Secret (``kubectl events --for secret/NAME``):
+    fingerprint prefix, rotation ID and expiry, never the token. Best effort: a refused
+    Event is a warning, never a failed delivery.
+
+    RBAC: ``get``, ``patch`` (``resourceNames``-scoped) and ``create`` on ``secrets``;
+    ``create`` on ``events`` with ``events``.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class SecretTarget:
         field_manager: str = FIELD_MANAGER,
         max_attempts: int = MAX_CONFLICTS,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        events: bool = False,
     ) -> None:
         self.api_client = api_client
         self.namespace = check_name(namespace, what="the namespace", label=True)
@@ -110,6 +119,7 @@ class SecretTarget:
         self.max_attempts = max(1, max_attempts)
         self.request_timeout = request_timeout
         self.attempts = 0  # write attempts made by the last deliver(), for reports and tests
+        self.events = events  # a Rotated Event after each delivery (the controller has its own)
 
     def __repr__(self) -> str:
         return f"SecretTarget({self.location()!r})"
@@ -128,11 +138,6 @@ class SecretTarget:
             writes=writes,
         )
 
-    def _core(self) -> Any:
-        from kubernetes import client
-
-        return client.CoreV1Api(self.api_client)
-
     def _read_secret(self) -> dict[str, Any] | None:
         """The Secret as JSON, or None if it does not exist. Its ``data`` holds the token
         (base64): keep the dict inside this class, never log or return it."""
@@ -140,10 +145,9 @@ class SecretTarget:
             secret: dict[str, Any] = api_request(
                 self.api_client,
                 self._op("get"),
-                self._core().read_namespaced_secret,
-                name=self.name,
-                namespace=self.namespace,
-                _request_timeout=self.request_timeout,
+                "GET",
+                SECRET_PATH,
+                timeout=self.request_timeout,
             )
         except KubernetesNotFoundError:
             return None
@@ -214,10 +218,74 @@ class SecretTarget:
                 "or pass another --secret name",
             )
 
+    def preflight(self) -> None:
+        """Prove, before a token is minted, that :meth:`deliver` would be allowed.
+
+        A server-side dry run (``dryRun=All``: authenticated, authorised, admitted,
+        validated, never persisted) of the write :meth:`deliver` would make: a create
+        with empty values when the Secret is missing, else a no-op merge patch carrying
+        the ``resourceVersion`` just read. It proves the namespace exists, RBAC grants
+        the verb and admission accepts the write, without a token existing yet. Also
+        refuses a Secret :meth:`deliver` would refuse (not Opaque, immutable). A
+        concurrent change is re-read once, then left to :meth:`deliver`.
+
+        RBAC: the same verbs as :meth:`deliver` (a dry run needs the real verb).
+        """
+        for _ in range(2):
+            current = self._read_secret()
+            try:
+                if current is None:
+                    api_request(
+                        self.api_client,
+                        self._op("create", writes=True),
+                        "POST",
+                        SECRETS_PATH,
+                        query={"fieldManager": self.field_manager, "dryRun": "All"},
+                        body={
+                            "apiVersion": "v1",
+                            "kind": "Secret",
+                            "type": "Opaque",
+                            "metadata": {
+                                "name": self.name,
+                                "namespace": self.namespace,
+                                "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+                            },
+                            "data": {self.token_key: "", self.tenant_key: ""},
+                        },
+                        timeout=self.request_timeout,
+                    )
+                else:
+                    self._check_writable(current)
+                    read_version = (current.get("metadata") or {}).get("resourceVersion")
+                    metadata = {"resourceVersion": read_version} if read_version else {}
+                    api_request(
+                        self.api_client,
+                        self._op("patch", writes=True),
+                        "PATCH",
+                        SECRET_PATH,
+                        query={"fieldManager": self.field_manager, "dryRun": "All"},
+                        body={"metadata": metadata},
+                        content_type=MERGE_PATCH,
+                        timeout=self.request_timeout,
+                    )
+            except KubernetesConflictError:  # created or changed since it was read
+                continue
+            except KubernetesNotFoundError:
+                if current is None:
+                    raise  # a create's 404: the namespace does not exist
+                continue  # deleted since it was read: check the create instead
+            logger.debug(
+                "preflight: the API server would accept the %s of Secret %s/%s",
+                "create" if current is None else "patch",
+                self.namespace,
+                self.name,
+            )
+            return
+        logger.debug("Secret %s/%s kept changing during the preflight", self.namespace, self.name)
+
     def deliver(self, delivery: Delivery) -> TargetState:
         token = delivery.record.token
         annotations = delivery_annotations(delivery)
-        core = self._core()
         self.attempts = 0
         for attempt in range(1, self.max_attempts + 1):
             current = self._read_secret()
@@ -242,11 +310,11 @@ class SecretTarget:
                     written = api_request(
                         self.api_client,
                         self._op("create", writes=True),
-                        core.create_namespaced_secret,
-                        namespace=self.namespace,
+                        "POST",
+                        SECRETS_PATH,
+                        query={"fieldManager": self.field_manager},
                         body=body,
-                        field_manager=self.field_manager,
-                        _request_timeout=self.request_timeout,
+                        timeout=self.request_timeout,
                     )
                 except KubernetesConflictError:
                     logger.info(
@@ -263,7 +331,7 @@ class SecretTarget:
                     self.name,
                     token.short_fingerprint,
                 )
-                return self._state(written)
+                return self._delivered(delivery, written)
 
             self._check_writable(current)
             metadata: dict[str, Any] = {"annotations": annotations}
@@ -287,13 +355,12 @@ class SecretTarget:
                 written = api_request(
                     self.api_client,
                     self._op("patch", writes=True),
-                    core.patch_namespaced_secret,
-                    name=self.name,
-                    namespace=self.namespace,
+                    "PATCH",
+                    SECRET_PATH,
+                    query={"fieldManager": self.field_manager},
                     body=patch,
-                    field_manager=self.field_manager,
-                    _content_type=MERGE_PATCH,
-                    _request_timeout=self.request_timeout,
+                    content_type=MERGE_PATCH,
+                    timeout=self.request_timeout,
                 )
             except (KubernetesConflictError, KubernetesNotFoundError) as exc:
                 logger.info(
@@ -315,7 +382,7 @@ class SecretTarget:
                 read_version,
                 (written.get("metadata") or {}).get("resourceVersion"),
             )
-            return self._state(written)
+            return self._delivered(delivery, written)
         raise KubernetesConflictError(
             f"Secret {self.namespace}/{self.name} kept changing: {self.max_attempts} attempts "
             "to update it conflicted with other writers",
@@ -323,29 +390,20 @@ class SecretTarget:
             "this Secret; make lg-rotate its only writer",
         )
 
-
-def read_secret_uid(api_client: ApiClient, namespace: str, name: str, timeout: float) -> str | None:
-    from kubernetes import client
-
-    op = ApiOp(
-        verb="get",
-        kind="Secret",
-        resource="secrets",
-        group="",
-        namespace=namespace,
-        name=name,
-        writes=False,
-    )
-    try:
-        secret = api_request(
-            api_client,
-            op,
-            client.CoreV1Api(api_client).read_namespaced_secret,
-            name=name,
-            namespace=namespace,
-            _request_timeout=timeout,
-        )
-    except LgRotateError:
-        return None
-    uid = (secret.get("metadata") or {}).get("uid")
-    return str(uid) if uid else None
+    def _delivered(self, delivery: Delivery, written: Mapping[str, Any]) -> TargetState:
+        """The state written; records the ``Rotated`` Event when ``events`` is on."""
+        state = self._state(written)
+        if self.events:
+            record = delivery.record
+            record_event(
+                api_client=self.api_client,
+                namespace=self.namespace,
+                secret_name=self.name,
+                reason="Rotated",
+                message=f"lg-rotate delivered token sha256:{record.token.short_fingerprint} "
+                f"(rotation {record.rotation_id}, from {delivery.source}, expires "
+                f"{format_timestamp(record.token.expires_at)})",
+                secret_uid=str((written.get("metadata") or {}).get("uid") or "") or None,
+                request_timeout=min(self.request_timeout, 10.0),
+            )
+        return state

@@ -21,6 +21,7 @@ from rotator.kube.api import (
     ApiOp,
     api_request,
     check_name,
+    workload_path,
 )
 from rotator.tokens import (
     format_timestamp,
@@ -45,11 +46,6 @@ _WORKLOAD_ALIASES: dict[str, WorkloadKind] = {
     for kind, aliases in _ALIASES_BY_KIND.items()
     for name in aliases
     for alias in (name, f"{name}.apps")
-}
-_WORKLOAD_API: dict[WorkloadKind, str] = {
-    "daemonset": "daemon_set",
-    "deployment": "deployment",
-    "statefulset": "stateful_set",
 }
 
 
@@ -112,8 +108,6 @@ def restart_workload(
     ``at``, which changes the pod template, so the controller replaces the pods under
     the workload's update strategy. RBAC: ``patch`` on the workload (``apps``).
     """
-    from kubernetes import client
-
     canonical = workload_kind(kind)
     body = {
         "spec": {
@@ -122,17 +116,15 @@ def restart_workload(
             }
         }
     }
-    apps = client.AppsV1Api(api_client)
     api_request(
         api_client,
         workload_op("patch", canonical, namespace, name),
-        getattr(apps, f"patch_namespaced_{_WORKLOAD_API[canonical]}"),
-        name=name,
-        namespace=namespace,
+        "PATCH",
+        workload_path(f"{canonical}s"),
+        query={"fieldManager": FIELD_MANAGER},
         body=body,
-        field_manager=FIELD_MANAGER,
-        _content_type=MERGE_PATCH,
-        _request_timeout=request_timeout,
+        content_type=MERGE_PATCH,
+        timeout=request_timeout,
     )
     logger.info(
         "restarted %s %s/%s (restartedAt %s)", canonical, namespace, name, format_timestamp(at)
@@ -269,21 +261,16 @@ def wait_for_rollout(
     ``on_progress`` is called with each new state. RolloutTimeoutError after ``timeout``
     seconds. RBAC: ``get`` on the workload.
     """
-    from kubernetes import client
-
     canonical = workload_kind(kind)
-    apps = client.AppsV1Api(api_client)
-    read = getattr(apps, f"read_namespaced_{_WORKLOAD_API[canonical]}")
     deadline = clock() + timeout
     last: RolloutProgress | None = None
     while True:
         obj = api_request(
             api_client,
             workload_op("get", canonical, namespace, name),
-            read,
-            name=name,
-            namespace=namespace,
-            _request_timeout=request_timeout,
+            "GET",
+            workload_path(f"{canonical}s"),
+            timeout=request_timeout,
         )
         progress = rollout_progress(canonical, namespace, name, obj)
         if progress != last:
