@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from rotator import __version__
+from rotator.durations import format_duration, parse_whole_seconds
 from rotator.errors import ConfigError, ExitCode, KubernetesError, TokenFormatError
 from rotator.tokens import REDACTED, TOKEN_SHAPED, fingerprint, normalize, parse_timestamp, utcnow
 
@@ -848,13 +849,14 @@ def _rotations(audit: Audit) -> Iterator[Rotation]:
         )
         namespace = (
             _flag_value(container.argv, "--namespace")
+            or _flag_value(container.argv, "-n")
             or _literal_namespace(audit, container)
             or container.namespace
         )
         ttl_text = _flag_value(container.argv, "--ttl") or audit.env_value(
             container, "LG_ROTATE_TTL"
         )
-        ttl = int(ttl_text) if ttl_text and ttl_text.strip().isdigit() else None
+        ttl = _ttl_seconds(ttl_text)
         doc = container.doc
         yield Rotation(
             namespace=namespace,
@@ -876,6 +878,14 @@ def _rotations(audit: Audit) -> Iterator[Rotation]:
                 doc=doc,
                 command="external-secret",
             )
+
+
+def _ttl_seconds(text: str | None) -> int | None:
+    """A rotation's --ttl / LG_ROTATE_TTL: ``600`` or ``10m`` (lg-rotate's durations)."""
+    try:
+        return parse_whole_seconds(text) if text else None
+    except ValueError:
+        return None
 
 
 def _literal_namespace(audit: Audit, container: Container) -> str | None:
@@ -1796,7 +1806,11 @@ class ClusterSnapshot:
 
 
 def read_cluster(
-    api_client: ApiClient, *, namespaces: Sequence[str], secrets: Sequence[str]
+    api_client: ApiClient,
+    *,
+    namespaces: Sequence[str],
+    secrets: Sequence[str],
+    selector: str | None = None,
 ) -> ClusterSnapshot:
     """Objects the rules need, as the API's JSON; Secrets by name and as metadata only."""
     from kubernetes import client
@@ -1813,7 +1827,7 @@ def read_cluster(
         for namespace, call in calls:
             snapshot.lists += 1
             try:
-                items = _list_all(call)
+                items = _list_all(call, selector=selector)
             except ApiException as exc:
                 if exc.status in (401, 403):
                     refusal = Refusal(
@@ -1894,11 +1908,13 @@ def _secrets_to_read(
     return wanted
 
 
-def _list_all(call: Callable[..., Any]) -> list[dict[str, Any]]:
+def _list_all(call: Callable[..., Any], *, selector: str | None = None) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     token = ""
     while True:
         kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False}
+        if selector:
+            kwargs["label_selector"] = selector
         if token:
             kwargs["_continue"] = token
         body = json.loads(call(**kwargs).data)
@@ -2113,6 +2129,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file for --cluster [env KUBECONFIG]")
     parser.add_argument("--context", help="kubeconfig context for --cluster")
     parser.add_argument(
+        "-l",
+        "--selector",
+        metavar="SELECTOR",
+        help="with --cluster: only objects with these labels (kubectl's -l, e.g. "
+        "app=linuxguard-agent); Secrets are still read by name",
+    )
+    parser.add_argument(
         "-n",
         "--namespace",
         action="append",
@@ -2131,7 +2154,13 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         f"in each namespace (default {DEFAULT_SECRET}, plus every Secret the "
         "agents reference)",
     )
-    parser.add_argument("-o", "--output", choices=("table", "json", "sarif"), default="table")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json", "yaml", "sarif"),
+        default="table",
+        help="findings as a table, JSON, YAML or SARIF 2.1.0 (code scanning) (default: table)",
+    )
     parser.add_argument(
         "--fail-on",
         choices=FAIL_ON_CHOICES,
@@ -2144,9 +2173,9 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-ttl",
         type=_positive_seconds,
         default=DEFAULT_TTL_SECONDS,
-        metavar="SECONDS",
+        metavar="DURATION",
         help="the tenant's token TTL, when a rotation does not "
-        f"state one (--ttl / LG_ROTATE_TTL); default {DEFAULT_TTL_SECONDS}",
+        f"state one (--ttl / LG_ROTATE_TTL) (default: {format_duration(DEFAULT_TTL_SECONDS)})",
     )
     parser.add_argument(
         "--ignore",
@@ -2167,12 +2196,9 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _positive_seconds(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("whole seconds, e.g. 600") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+        return parse_whole_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_audit_command(
@@ -2203,7 +2229,10 @@ def run_audit_command(
             api_client = connect(kubeconfig=args.kubeconfig, context=args.context)
         client = api_client
         snapshot = read_cluster(
-            client, namespaces=args.namespaces, secrets=args.secrets or [DEFAULT_SECRET]
+            client,
+            namespaces=args.namespaces,
+            secrets=args.secrets or [DEFAULT_SECRET],
+            selector=getattr(args, "selector", None),
         )
         for note in snapshot.notes:
             print(f"lg-rotate audit: warning: {note}", file=sys.stderr)
@@ -2239,6 +2268,17 @@ def run_audit_command(
                 refused=refused,
             )
         )
+    elif args.output == "yaml":
+        data = json.loads(
+            render_json(
+                findings,
+                documents=len(documents),
+                failed=failed or incomplete,
+                fail_on=args.fail_on,
+                refused=refused,
+            )
+        )
+        out.write(yaml.safe_dump(data, sort_keys=False))
     elif args.output == "sarif":
         sarif = sarif_log(findings, refused=refused, allow_partial=args.allow_partial)
         out.write(json.dumps(sarif, indent=2) + "\n")

@@ -224,7 +224,7 @@ def render(token: EnrollToken, *, fmt: str) -> str:
     raise LaunchError(f"unknown emit format {fmt!r}", fix=f"use one of {', '.join(EMIT_FORMATS)}")
 
 
-_PIPE_IT = "pipe it instead: docker run --env-file <(lg-rotate emit -f env ...) IMAGE"
+_PIPE_IT = "pipe it instead: docker run --env-file <(lg-rotate emit -o env ...) IMAGE"
 
 
 def _is_dev_null(mode: os.stat_result) -> bool:
@@ -273,7 +273,7 @@ def check_emit_destination(stream: IO[str] | None, *, force: bool) -> None:
         if not force:
             raise LaunchError(
                 "refusing to write the token to a terminal",
-                fix="pipe it (docker run --env-file <(lg-rotate emit -f env) ...) or pass --force",
+                fix="pipe it (docker run --env-file <(lg-rotate emit -o env) ...) or pass --force",
             )
         return
     try:

@@ -55,6 +55,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from rotator.durations import format_duration, parse_whole_seconds
 from rotator.tokens import REDACTED, TOKEN_SHAPED, fingerprint, format_timestamp, utcnow
 
 _LOGGER = logging.getLogger("lg_rotate.sandbox")
@@ -823,6 +824,14 @@ fault injection (off with --no-admin), to rehearse outages in a pipeline:
 Every endpoint, with examples: docs/SANDBOX.md."""
 
 
+def _duration_seconds(text: str) -> int:
+    """``600`` or ``10m``: whole seconds (rotator.durations)."""
+    try:
+        return parse_whole_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     """The options and help of ``lg-rotate sandbox``."""
     parser.description = SANDBOX_DESCRIPTION
@@ -842,11 +851,12 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ttl",
-        type=int,
+        type=_duration_seconds,
         default=int(DEFAULT_TTL.total_seconds()),
-        metavar="SECONDS",
+        metavar="DURATION",
         help="lifetime of minted tokens, unless a mint request asks for one between "
-        f"{MIN_REQUEST_TTL} and {MAX_REQUEST_TTL} (default: %(default)s)",
+        f"{format_duration(MIN_REQUEST_TTL)} and {format_duration(MAX_REQUEST_TTL)} "
+        f"(default: {format_duration(DEFAULT_TTL.total_seconds())})",
     )
     parser.add_argument(
         "--api-key-file",

@@ -333,7 +333,7 @@ def test_exec_unknown_command_costs_no_token(sandbox):
 
 @pytest.mark.parametrize("fmt", ["raw", "env", "json"])
 def test_emit_writes_the_token_to_a_pipe(sandbox, fmt):
-    result = run(["emit", *mint_args(sandbox)[:-2], "-f", fmt], env=key_env(sandbox))
+    result = run(["emit", *mint_args(sandbox)[:-2], "-o", fmt], env=key_env(sandbox))
     assert result.returncode == 0, result.stderr
     minted = sandbox.minted()[0].fingerprint
     if fmt == "raw":
