@@ -9,9 +9,12 @@
 ``workloads``             ``kind/NAME`` references, restarts, following a rollout
 ``events``                Events on the Secret
 ``pods``                  agent pods: container starts, readiness, pod and workload calls
+``podsecrets``            the per-pod Secret contract: naming, labels, annotations, body
 ``collisions``            which token each start may have read; who collided
+``podsecret_keeper``      ``watch``'s per-pod work: adopt, delete orphans, refresh unstarted
 ``controller``            ``lg-rotate watch``: a rotation after every start, leader election
 ``roll``                  ``lg-rotate roll``: rotate, delete one pod, wait Ready, resumable
+``webhook``               ``lg-rotate webhook``: a Secret and token of its own per new pod
 ========================  ==============================================================
 
 The official ``kubernetes`` client is imported only inside the functions that call it, so
