@@ -95,9 +95,17 @@ def missing_modules(factory: ProviderFactory) -> list[str]:
     return missing
 
 
+DISTRIBUTION = "linuxguard-rotator"  # pyproject.toml [project] name: pip's name for lg-rotate
+
+
 def install_hint(factory: ProviderFactory) -> str:
+    """The install that brings a built-in provider's SDK: the extra of lg-rotate's own
+    distribution, from a package index or from a clone (README "Set-up" shows both)."""
     if factory.extra:
-        return f"pip install 'linuxguard-rotator[{factory.extra}]'"
+        return (
+            f"pip install '{DISTRIBUTION}[{factory.extra}]' "
+            f"(from a clone of lg-rotate: pip install '.[{factory.extra}]')"
+        )
     return "reinstall the package that provides this provider"
 
 

@@ -511,7 +511,7 @@ def hadolint_binary() -> str:
         if file.name in ("hadolint", "hadolint.exe"):
             return str(dist.locate_file(file))  # type: ignore[union-attr]
     found = shutil.which("hadolint")
-    assert found, "hadolint is not installed (pip install 'linuxguard-rotator[test]')"
+    assert found, "hadolint is not installed (pip install '.[test]' in the clone)"
     return found
 
 

@@ -254,7 +254,8 @@ def official_client() -> OfficialClient:
             except ImportError as exc:
                 raise ConfigError(
                     f"the Kubernetes client is not usable: {exc}",
-                    fix="pip install 'linuxguard-rotator' (it depends on kubernetes), or pass "
+                    fix="pip install 'linuxguard-rotator' (from a clone: pip install .; it depends "
+                    "on kubernetes), or pass "
                     "--target none to only mint and store",
                 ) from exc
             _official = OfficialClient(
