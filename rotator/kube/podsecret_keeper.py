@@ -72,7 +72,6 @@ from rotator.kube.api import (
     KubernetesForbiddenError,
     KubernetesNotFoundError,
     api_request,
-    b64,
 )
 from rotator.kube.pods import PodApi
 from rotator.kube.podsecrets import (
@@ -84,7 +83,7 @@ from rotator.kube.podsecrets import (
     PodSecretInfo,
     per_pod_selector,
 )
-from rotator.kube.secret import delivery_annotations
+from rotator.kube.secret import delivery_annotations, secret_data
 from rotator.targets import Delivery
 from rotator.tokens import EnrollToken, utcnow
 
@@ -792,10 +791,7 @@ class PodSecretKeeper:
                     "resourceVersion": current.info.resource_version,
                     "annotations": delivery_annotations(delivery),
                 },
-                "data": {
-                    self.token_key: b64(token.value.reveal()),
-                    self.tenant_key: b64(token.tenant_id),
-                },
+                "data": secret_data(token, token_key=self.token_key, tenant_key=self.tenant_key),
             }
             try:
                 self._patch(item.info.name, body, writes=True)

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from rotator.kube.api import FIELD_MANAGER, MANAGED_BY_LABEL, b64, check_name, optional_timestamp
+from rotator.kube.api import FIELD_MANAGER, MANAGED_BY_LABEL, check_name, optional_timestamp
 from rotator.kube.secret import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_FINGERPRINT,
     ANNOTATION_ROTATED_AT,
     delivery_annotations,
+    secret_data,
 )
 from rotator.targets import Delivery
 
@@ -116,10 +117,7 @@ def pod_secret_body(
             },
             "annotations": annotations,
         },
-        "data": {
-            token_key: b64(token.value.reveal()),
-            tenant_key: b64(token.tenant_id),
-        },
+        "data": secret_data(token, token_key=token_key, tenant_key=tenant_key),
     }
 
 

@@ -57,6 +57,12 @@ ANNOTATION_ROTATION_ID = "linuxguard.io/rotation-id"
 # --- the Secret target -----------------------------------------------------------------
 
 
+def secret_data(token: EnrollToken, *, token_key: str, tenant_key: str) -> dict[str, str]:
+    """A Secret's ``data``: the token and the tenant ID, base64. The only place the token is
+    put into a Kubernetes object (the shared Secret and the per-pod ones alike)."""
+    return {token_key: b64(token.value.reveal()), tenant_key: b64(token.tenant_id)}
+
+
 def delivery_annotations(delivery: Delivery) -> dict[str, str]:
     """The ``linuxguard.io/*`` annotations for a delivery (DESIGN.md §3; never the token)."""
     record = delivery.record
@@ -301,10 +307,9 @@ class SecretTarget:
                         "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
                         "annotations": annotations,
                     },
-                    "data": {
-                        self.token_key: b64(token.value.reveal()),
-                        self.tenant_key: b64(token.tenant_id),
-                    },
+                    "data": secret_data(
+                        token, token_key=self.token_key, tenant_key=self.tenant_key
+                    ),
                 }
                 try:
                     written = api_request(
@@ -346,10 +351,7 @@ class SecretTarget:
                 )
             patch = {
                 "metadata": metadata,
-                "data": {
-                    self.token_key: b64(token.value.reveal()),
-                    self.tenant_key: b64(token.tenant_id),
-                },
+                "data": secret_data(token, token_key=self.token_key, tenant_key=self.tenant_key),
             }
             try:
                 written = api_request(
