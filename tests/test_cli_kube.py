@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakekubelet import FakeKubelet
 
+from fakekubelet import FakeKubelet
 from fixtures.ports import free_port
 from providers.base import Stage
 from rotator.kube.secret import SecretTarget

@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from fakekubelet import FakeKubelet
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
+from fakekubelet import FakeKubelet
 from fixtures.cluster import Cluster
+from fixtures.controllers import Running
 from podsim import make_controller, make_rotator
 from rotator.errors import ConfigError, KubernetesError
 from rotator.kube import controller as ctl
@@ -603,36 +604,6 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> Non
             return
         time.sleep(0.01)
     pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-
-
-class Running:
-    """A controller running in a thread, stopped by ``stop()``."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(
-            target=controller.run, kwargs={"stop": self.stop_event}, daemon=True
-        )
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=20)
-        assert not self.thread.is_alive(), "the controller did not stop"
-
-
-@pytest.fixture
-def running() -> Iterator[Callable[[Controller], Running]]:
-    started: list[Running] = []
-
-    def start_one(controller: Controller) -> Running:
-        started.append(Running(controller))
-        return started[-1]
-
-    yield start_one
-    for item in started:
-        item.stop()
 
 
 def lease_holder(k8s: Cluster, namespace: str) -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import ipaddress
 import json
 import logging
 import secrets
@@ -37,9 +36,9 @@ from typing import Any
 import kmock
 import pytest
 import yaml
-from fakekubelet import FakeKubelet
 from kubernetes import client
 
+from fakekubelet import FakeKubelet
 from fixtures.cluster import POLL_S, Cluster, wait_for
 from fixtures.kube import KubeCluster
 from fixtures.ports import free_port
@@ -65,6 +64,7 @@ from rotator.kube.workloads import (
 )
 from rotator.targets import Delivery
 from rotator.tokens import EnrollToken, format_timestamp, parse_timestamp
+from webhooksim import Pki
 
 BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -731,9 +731,10 @@ class AdmissionWebhook:
 
     def __init__(self, folder: Path) -> None:
         self.decide: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda request: None
-        self.ca_pem = self._write_certificate(folder)
+        pki = Pki.create(folder)
+        self.ca_pem = pki.ca_pem
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(folder / "webhook.crt", folder / "webhook.key")
+        context.load_cert_chain(pki.cert_file, pki.key_file)
         webhook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -756,42 +757,6 @@ class AdmissionWebhook:
             target=self.server.serve_forever, kwargs={"poll_interval": POLL_S}, daemon=True
         )
         self._thread.start()
-
-    @staticmethod
-    def _write_certificate(folder: Path) -> bytes:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lgr-test-webhook")])
-        now = datetime.now(UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        pem = certificate.public_bytes(serialization.Encoding.PEM)
-        (folder / "webhook.crt").write_bytes(pem)
-        (folder / "webhook.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return pem
 
     def review(self, review: dict[str, Any]) -> dict[str, Any]:
         request = review["request"]

@@ -17,9 +17,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import yaml
 from kubernetes import client
 
 from fixtures.cluster import Cluster, wait_for
+from fixtures.controllers import Running
 from podsim import TENANT, make_controller, make_rotator
 from providers.base import Stage, StoredRecord
 from providers.memory import MemoryProvider, MemoryStore
@@ -194,35 +194,6 @@ def fingerprint_of(k8s: Cluster, namespace: str, name: str) -> str:
 def owner_uids(k8s: Cluster, namespace: str, name: str) -> list[str]:
     secret = secret_of(k8s, namespace, name) or {}
     return [ref["uid"] for ref in secret.get("metadata", {}).get("ownerReferences") or []]
-
-
-class Running:
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(
-            target=controller.run, kwargs={"stop": self.stop_event}, daemon=True
-        )
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "the controller did not stop"
-
-
-@pytest.fixture
-def running() -> Iterator[Callable[[Controller], Running]]:
-    started: list[Running] = []
-
-    def start_one(controller: Controller) -> Running:
-        started.append(Running(controller))
-        return started[-1]
-
-    yield start_one
-    for item in started:
-        if item.thread.is_alive():
-            item.stop()
 
 
 def keeper_of(controller: Controller) -> Any:

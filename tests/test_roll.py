@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fakekubelet import FakeKubelet
 
+from fakekubelet import FakeKubelet
 from fixtures.cluster import Cluster
 from providers.memory import MemoryProvider, MemoryStore
 from rotator.errors import ConfigError, ExitCode, RolloutTimeoutError
