@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,46 +164,27 @@ def audit(text: str, *, label: str) -> list[str]:
     return [f"{f.rule.id} {f.location}: {f.message}" for f in findings]
 
 
+def check(name: str, render_one: Callable[[str], str], rendered: dict[str, str]) -> int:
+    """Render ``name``, validate it against the schemas and audit it; the problem count."""
+    try:
+        rendered[name] = render_one(name)
+    except RuntimeError as exc:
+        print(f"FAIL render: {exc}")
+        return 1
+    docs = documents(rendered[name])
+    problems = [f"schema {name}: {p}" for p in validate(docs)]
+    problems += [f"audit {name}: {f}" for f in audit(rendered[name], label=name)]
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if not problems:
+        print(f"ok   {name}: {len(docs)} objects rendered, schema-valid, no findings")
+    return len(problems)
+
+
 def main() -> int:
-    failures = 0
     rendered: dict[str, str] = {}
-    for kustomization in KUSTOMIZATIONS:
-        try:
-            rendered[kustomization] = render(kustomization)
-        except RuntimeError as exc:
-            print(f"FAIL render: {exc}")
-            failures += 1
-            continue
-        docs = documents(rendered[kustomization])
-        problems = validate(docs)
-        for problem in problems:
-            print(f"FAIL schema {kustomization}: {problem}")
-        findings = audit(rendered[kustomization], label=kustomization)
-        for finding in findings:
-            print(f"FAIL audit {kustomization}: {finding}")
-        failures += len(problems) + len(findings)
-        print(
-            f"ok   {kustomization}: {len(docs)} objects rendered, schema-valid, no findings"
-            if not problems and not findings
-            else f"--   {kustomization}: see above"
-        )
-    for variant in VARIANTS:
-        try:
-            rendered[variant] = render_variant(variant)
-        except RuntimeError as exc:
-            print(f"FAIL render: {exc}")
-            failures += 1
-            continue
-        docs = documents(rendered[variant])
-        problems = validate(docs)
-        findings = audit(rendered[variant], label=variant)
-        for line in [f"schema {variant}: {p}" for p in problems] + [
-            f"audit {variant}: {f}" for f in findings
-        ]:
-            print(f"FAIL {line}")
-        failures += len(problems) + len(findings)
-        if not problems and not findings:
-            print(f"ok   {variant}: {len(docs)} objects rendered, schema-valid, no findings")
+    failures = sum(check(name, render, rendered) for name in KUSTOMIZATIONS)
+    failures += sum(check(name, render_variant, rendered) for name in VARIANTS)
     # The agent and each overlay together: what a cluster would actually hold.
     for overlay in (*OVERLAYS, *VARIANTS):
         if overlay in rendered and "cronjob/agent" in rendered:
