@@ -20,6 +20,16 @@ Exit codes: 0 enrolled (a replay of the same workload's enrolment counts), 1 ref
 by the server (4xx), 2 configuration (no token, no workload id, no URL), 3 server
 unreachable or failing (5xx) after a few attempts.
 
+``python -m rotator.agent start [--tls-cache DIR]`` is the vendor agent's long-running
+form, the *agent double* of the end-to-end suite (its image: tests/e2e/agent/Dockerfile):
+it takes ``LINUXGUARD_ENROLL_TOKEN`` and ``LINUXGUARD_TENANT_ID`` out of its environment
+first, enrols, logs the vendor's lines (``enrolled ...`` then a ``heartbeat`` line every
+``--heartbeat`` seconds, or ``enrolment failed: 409 conflict ...``, ``enrolment failed:
+400 tenantId required for TOTP enrollment``, ``enrolment failed: 400 enrollment token
+expired``) and on failure exits non-zero, so that a kubelet's restart back-off applies.
+With ``--tls-cache`` it keeps the vendor's ``.tag`` (SHA-256 of token + workload id, never
+the token): an unchanged tag on restart reuses the cached enrolment without an enrol call.
+
 About ``/proc/self/environ``: removing a variable with ``os.environ.pop`` (libc
 ``unsetenv``) only drops it from the C ``environ`` array; the kernel keeps showing the
 original exec-time block in ``/proc/<pid>/environ``. On Linux with glibc this module
@@ -38,6 +48,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import ssl
 import sys
 import time
@@ -309,6 +320,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["start"]:
+        return start(arguments[1:])
     # First thing, before parsing anything: take the token out of the environment.
     token = take_enroll_token()
     args = _parser().parse_args(argv)
@@ -351,6 +365,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
     return result.exit_code
+
+
+TLS_CACHE_TAG = ".tag"
+
+
+def cache_tag(token: Secret, workload_id: str) -> str:
+    """The vendor's ``.tag``: a hash of token + workload id (the token is not recoverable)."""
+    canonical = token.reveal().strip().upper().replace("-", "")
+    return hashlib.sha256(f"{canonical}\0{workload_id}".encode()).hexdigest()
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def start(argv: Sequence[str]) -> int:
+    """The long-running agent: enrol once, then heartbeat until SIGTERM (see the docstring)."""
+    token = take_enroll_token()  # first thing, before parsing anything
+    tenant_id = os.environ.pop(TENANT_ENV, "").strip()
+    parser = argparse.ArgumentParser(prog="python -m rotator.agent start")
+    parser.add_argument("--url", help=f"LinuxGuard base URL (default: ${URL_ENV})")
+    parser.add_argument("--tls-cache", help="directory for the enrolment's .tag")
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between lines")
+    args = parser.parse_args(argv)
+    env = os.environ
+    workload_id = ""
+    if env.get(NODE_NAME_ENV) and env.get(POD_UID_ENV):
+        workload_id = workload_id_from(node_name=env[NODE_NAME_ENV], pod_uid=env[POD_UID_ENV])
+    url = (args.url or env.get(URL_ENV, "")).strip()
+    if token is None or not token.reveal().strip() or not workload_id or not url:
+        _say(
+            f"enrolment failed: configuration: need ${ENROLL_TOKEN_ENV}, ${NODE_NAME_ENV} + "
+            f"${POD_UID_ENV} and ${URL_ENV}"
+        )
+        return EXIT_CONFIG
+    tag = cache_tag(token, workload_id)
+    tag_file = os.path.join(args.tls_cache, TLS_CACHE_TAG) if args.tls_cache else None
+    identity: str | None = None
+    if tag_file is not None and os.path.exists(tag_file):
+        with open(tag_file, encoding="ascii") as handle:
+            cached = handle.read().split()
+        if cached[:1] == [tag] and len(cached) > 1:
+            identity = cached[1]
+            _say(f"enrolled: identity {identity} from the TLS cache (token and workload unchanged)")
+    if identity is None:
+        result = enroll(url=url, tenant_id=tenant_id, token=token, workload_id=workload_id)
+        if result.result != "enrolled" or result.identity_id is None:
+            _say(
+                f"enrolment failed: {result.status or 'no answer'} {result.error or result.result}"
+            )
+            return result.exit_code
+        identity = result.identity_id
+        if tag_file is not None:
+            os.makedirs(os.path.dirname(tag_file), exist_ok=True)
+            with open(tag_file, "w", encoding="ascii") as handle:
+                handle.write(f"{tag} {identity}\n")
+        _say(
+            f"enrolled: identity {identity} tenant {tenant_id} workload {workload_id} "
+            f"token {result.token_fingerprint}"
+        )
+    del token  # consumed: nothing needs it any more
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(args.heartbeat)
+        _say(f"heartbeat: identity {identity}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 import yaml
 
+import docblocks
 from providers import registry
 from rotator import config
 from rotator.errors import EXIT_CODE_MEANINGS, ExitCode
@@ -294,22 +295,11 @@ def test_no_doc_uses_a_former_spelling(path):
 # --- the Vault policy --------------------------------------------------------------------------
 
 DEPLOYMENT = ROOT / "docs" / "DEPLOYMENT.md"
-POLICY_BLOCK = re.compile(r"^(?:vault|bao) policy write (\S+) - <<'EOF'\n(.*?)\nEOF$", re.S | re.M)
 WARNING_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 
 
-def documented_vault_policies() -> dict[str, str]:
-    """Every ``vault policy write NAME - <<'EOF' ... EOF`` in README and docs: name -> HCL."""
-    policies = {}
-    for path in (README, *DOCS):
-        for name, hcl in POLICY_BLOCK.findall(path.read_text(encoding="utf-8")):
-            assert name not in policies, f"two policies named {name}"
-            policies[name] = hcl
-    return policies
-
-
 def test_the_docs_write_a_vault_policy():
-    assert "lg-rotate" in documented_vault_policies()  # the parser still finds it
+    assert "lg-rotate" in docblocks.vault_policies()  # the parser still finds it
 
 
 @pytest.fixture
@@ -401,9 +391,9 @@ def warnings_in(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(documented_vault_policies()))
+@pytest.mark.parametrize("name", sorted(docblocks.vault_policies()))
 def test_the_documented_vault_policy_rotates_and_prunes(openbao, sandbox, policy_token, name):
-    token = policy_token(documented_vault_policies()[name])
+    token = policy_token(docblocks.vault_policies()[name])
     tenant = f"docs-{uuid.uuid4().hex[:8]}"
     for run in range(3):
         result = rotate_with_pruning(openbao, sandbox, token, tenant)
@@ -425,7 +415,7 @@ def _sandbox_minter(sandbox):
     )
 
 
-@pytest.mark.parametrize("name", sorted(documented_vault_policies()))
+@pytest.mark.parametrize("name", sorted(docblocks.vault_policies()))
 def test_the_documented_vault_policy_covers_the_per_pod_records(
     openbao, sandbox, policy_token, name, caplog
 ):
@@ -438,7 +428,7 @@ def test_the_documented_vault_policy_covers_the_per_pod_records(
     from rotator.kube.webhook import AdmissionRecords
 
     caplog.set_level(logging.DEBUG)
-    token = policy_token(documented_vault_policies()[name])
+    token = policy_token(docblocks.vault_policies()[name])
     tenant = f"docs-{uuid.uuid4().hex[:8]}"
     provider = VaultProvider(client=openbao.client(token=token))
     minter = _sandbox_minter(sandbox)
@@ -477,7 +467,7 @@ def test_a_policy_without_destroy_is_caught(openbao, sandbox, policy_token):
     """The check above notices drift: the policy as it once was (no destroy) warns."""
     hcl = "\n".join(
         line
-        for line in documented_vault_policies()["lg-rotate"].splitlines()
+        for line in docblocks.vault_policies()["lg-rotate"].splitlines()
         if "/destroy/" not in line
     )
     token, tenant = policy_token(hcl), f"docs-{uuid.uuid4().hex[:8]}"

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+import docblocks
 from rotator.audit import DEFAULT_TTL_SECONDS, max_interval_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +243,37 @@ def test_every_pod_is_restricted(rendered: dict[str, list[dict[str, Any]]]) -> N
             pods += 1
             assert pss_restricted_problems(doc) == [], (kustomization, doc["metadata"]["name"])
     assert pods == 2 * 4 + 1  # CronJob + Deployment in base and 3 overlays, the agent
+
+
+SHIPPED_IMAGE = "registry.example.com/linuxguard/lg-rotate:0.1.0"  # cronjob/base images:
+
+
+def lg_rotate_pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] in POD_SPEC_PATHS and doc["metadata"]["name"].startswith("lg-rotate"):
+            spec = doc
+            for key in POD_SPEC_PATHS[doc["kind"]]:
+                spec = spec[key]
+            yield f"{doc['kind']}/{doc['metadata']['name']}", spec
+
+
+def test_every_lg_rotate_pod_runs_the_shipped_image_without_service_links(
+    rendered: dict[str, list[dict[str, Any]]], variants: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Found on the real node: the per-pod component's webhook kept ``image: lg-rotate`` (the
+    base's ``images:`` does not reach a component's objects), and the webhook's Service put
+    ``LG_ROTATE_WEBHOOK_*`` variables into every lg-rotate pod (warned as unknown settings)."""
+    seen = set()
+    for name, docs in {**rendered, **variants}.items():
+        for what, spec in lg_rotate_pod_specs(docs):
+            seen.add(what)
+            assert [c["image"] for c in spec["containers"]] == [SHIPPED_IMAGE], (name, what)
+            assert spec.get("enableServiceLinks") is False, (name, what)
+    assert seen == {
+        "CronJob/lg-rotate",
+        "Deployment/lg-rotate-watch",
+        "Deployment/lg-rotate-webhook",
+    }
 
 
 @pytest.mark.parametrize(
@@ -541,12 +573,34 @@ def hadolint(text: str, tmp_path: Path) -> list[dict[str, Any]]:
 
 # The project's image rules that hadolint has no rule for; they live here, in this test file
 # (.hadolint.yaml points here), on the parser of .ci/dockerfile_check.py. hadolint covers the
-# rest: DL3006/DL3007 pinned bases, DL3002/DL3066 a numeric non-root last USER, DL3025 exec-form
-# ENTRYPOINT/CMD, DL3020 ADD, DL4006 pipes, DL3064 secrets in ENV/ARG, DL3049/DL3050/DL3054
-# the OCI labels, DL3026 trusted registries.
+# rest: DL3002/DL3066 a numeric non-root last USER, DL3025 exec-form ENTRYPOINT/CMD, DL3020 ADD,
+# DL4006 pipes, DL3064 secrets in ENV/ARG, DL3049/DL3050/DL3054 the OCI labels. The bases are
+# build arguments (local stand-ins come in that way, .ci/image/build.sh), which hadolint does not
+# resolve, so its DL3006/DL3007 (pinned) and DL3026 (trusted registry) are "base-pinned" here.
+TRUSTED_REGISTRIES = ("docker.io", "gcr.io")  # as .hadolint.yaml's trustedRegistries
+
+
+def base_problems(base: str, stage_names: set[str]) -> list[str]:
+    if base in stage_names:
+        return []
+    first, _, rest = base.partition("/")
+    registry = first if rest and ("." in first or ":" in first) else "docker.io"
+    name, _, digest = base.partition("@")
+    tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else ""
+    problems = []
+    if not digest and tag in ("", "latest"):
+        problems.append(f"base-pinned: {base} names no version (a tag other than latest)")
+    if registry not in TRUSTED_REGISTRIES:
+        problems.append(f"base-pinned: {base} is not from {' or '.join(TRUSTED_REGISTRIES)}")
+    return problems
+
+
 def project_rule_problems(text: str) -> list[str]:
     _, stages = dockerfile_check.stages(dockerfile_check.parse(text))
     problems: list[str] = []
+    names = {stage.name for stage in stages if stage.name}
+    for stage in stages:
+        problems += base_problems(stage.base, names)
     if len(stages) < 2:
         problems.append("two-stages: build in one stage, run in another")
     if not stages:
@@ -594,13 +648,6 @@ def test_the_dockerfile_has_the_promised_shape() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "code"),
     [
-        ("FROM debian:12.11-slim AS build", "FROM debian AS build", "DL3006"),
-        ("FROM debian:12.11-slim AS build", "FROM debian:latest AS build", "DL3007"),
-        (
-            "FROM gcr.io/distroless/python3-debian12:nonroot AS runtime",
-            "FROM quay.io/example/python:3.11 AS runtime",
-            "DL3026",
-        ),
         ("USER 65532:65532", "USER root", "DL3002"),
         ("USER 65532:65532", "USER 0", "DL3002"),
         ("USER 65532:65532", "USER nonroot", "DL3066"),
@@ -630,6 +677,18 @@ def test_hadolint_catches(old: str, new: str, code: str, tmp_path: Path) -> None
         ("COPY --from=build /opt/lg-rotate /opt/lg-rotate", "RUN true", "runtime-no-run"),
         ("COPY --from=build /opt/lg-rotate /opt/lg-rotate", "COPY rotator/ /opt/", "two-stages"),
         ("ARG EXTRAS=all", "ARG EXTRAS=all\nADD https://example.com/x.tgz /x.tgz", "add-url"),
+        ("ARG BUILD_BASE=debian:12.11-slim", "ARG BUILD_BASE=debian", "base-pinned"),
+        ("ARG BUILD_BASE=debian:12.11-slim", "ARG BUILD_BASE=debian:latest", "base-pinned"),
+        (
+            "ARG RUNTIME_BASE=gcr.io/distroless/python3-debian12:nonroot",
+            "ARG RUNTIME_BASE=quay.io/example/python:3.11",
+            "base-pinned",
+        ),
+        (
+            "ARG BUILD_BASE=debian:12.11-slim",
+            "ARG BUILD_BASE=registry.example:5000/py:3.11",
+            "base-pinned",
+        ),
     ],
 )
 def test_the_project_rules_catch(old: str, new: str, rule: str, tmp_path: Path) -> None:
@@ -644,33 +703,6 @@ def test_the_project_rules_catch(old: str, new: str, rule: str, tmp_path: Path) 
 def test_the_project_rules_want_two_stages() -> None:
     single = 'FROM debian:12.11-slim\nUSER 1000\nENTRYPOINT ["x"]\n'
     assert any(p.startswith("two-stages:") for p in project_rule_problems(single))
-
-
-def test_the_build_replay_refuses_literal_paths(tmp_path: Path) -> None:
-    broken = DOCKERFILE.replace('rm -rf "$WHEELHOUSE"', "rm -rf /tmp/wheelhouse", 1)
-    assert broken != DOCKERFILE
-    (tmp_path / "Dockerfile").write_text(broken)
-    with pytest.raises(dockerfile_check.BuildError, match="absolute path literally"):
-        dockerfile_check.build(
-            tmp_path / "Dockerfile", build_args={}, root=tmp_path / "root", context=ROOT
-        )
-
-
-def test_the_build_replay_fails_a_broken_recipe(tmp_path: Path) -> None:
-    """A failing RUN fails the replay, before any slow install (the real replay runs in
-    .ci/check-manifests: about a minute)."""
-    broken = DOCKERFILE.replace(
-        'RUN python3 -m venv "$VENV"', 'RUN test -f "$VENV/missing" && python3 -m venv "$VENV"'
-    )
-    (tmp_path / "Dockerfile").write_text(broken)
-    with pytest.raises(dockerfile_check.BuildError, match="RUN failed"):
-        dockerfile_check.build(
-            tmp_path / "Dockerfile", build_args={}, root=tmp_path / "root", context=ROOT
-        )
-    # The COPY steps ran first, into the stand-in root, as docker build would.
-    assert (tmp_path / "root/src/pyproject.toml").is_file()
-    assert (tmp_path / "root/src/rotator/audit.py").is_file()
-    assert not list((tmp_path / "root/src").rglob("__pycache__"))
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -878,13 +910,9 @@ def test_without_cert_manager_as_docs_per_pod_says(
     variants: dict[str, list[dict[str, Any]]],
 ) -> None:
     """docs/PER-POD.md, "Without cert-manager": its overlay patches, rendered."""
-    doc = (ROOT / "docs" / "PER-POD.md").read_text()
-    block = doc.split("<!-- without-cert-manager -->")[1].split("```yaml")[1].split("```")[0]
-    extra = yaml.safe_load(block)
+    patches, _ = docblocks.without_cert_manager()
     docs = manifests.documents(
-        manifests.render_variant(
-            "cronjob/overlays/vault+per-pod", extra={"patches": extra["patches"]}
-        )
+        manifests.render_variant("cronjob/overlays/vault+per-pod", extra={"patches": patches})
     )
     assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
     configuration = _find(docs, "MutatingWebhookConfiguration", "lg-rotate-per-pod")
