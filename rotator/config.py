@@ -1020,9 +1020,29 @@ def _load_provider(name: str) -> ProviderFactory:
     return registry.load(name)
 
 
+SERVICE_HOST_SUFFIX = "_SERVICE_HOST"
+
+
 def unknown_variables(env: Mapping[str, str], *, provider: str | None = None) -> list[str]:
-    """A warning per ``LG_ROTATE_*`` variable that is no setting, with a "did you mean"."""
-    candidates = sorted(name for name in env if name.startswith(ENV_PREFIX))
+    """A warning per ``LG_ROTATE_*`` variable that is no setting, with a "did you mean".
+
+    Service links are no typos: the kubelet gives a pod ``<SVC>_SERVICE_HOST``,
+    ``<SVC>_SERVICE_PORT*`` and ``<SVC>_PORT*`` for every Service of its namespace, so a Service
+    named ``lg-rotate-...`` (the per-pod webhook's) makes ``LG_ROTATE_...`` variables in pods
+    that keep ``enableServiceLinks`` on (the shipped manifests turn it off). A group with its
+    ``_SERVICE_HOST`` present is left out.
+    """
+    services = tuple(
+        name.removesuffix(SERVICE_HOST_SUFFIX)
+        for name in env
+        if name.startswith(ENV_PREFIX) and name.endswith(SERVICE_HOST_SUFFIX)
+    )
+    candidates = sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX)
+        and not any(name.startswith((f"{s}_SERVICE_", f"{s}_PORT")) for s in services)
+    )
     if not candidates:
         return []
     known = known_variables(provider)

@@ -173,6 +173,24 @@ def test_unknown_variables_are_warnings_with_a_suggestion():
         "LG_ROTATE_VAULT_ADR is not a setting of lg-rotate and is ignored "
         "(did you mean LG_ROTATE_VAULT_ADDR?)",
     )
+    # The kubelet's service links for a Service lg-rotate-webhook are no typos either (seen on
+    # a real node); a lone look-alike still is.
+    links = {
+        "LG_ROTATE_WEBHOOK_SERVICE_HOST": "10.96.0.20",
+        "LG_ROTATE_WEBHOOK_SERVICE_PORT": "443",
+        "LG_ROTATE_WEBHOOK_SERVICE_PORT_HTTPS": "443",
+        "LG_ROTATE_WEBHOOK_PORT": "tcp://10.96.0.20:443",
+        "LG_ROTATE_WEBHOOK_PORT_443_TCP": "tcp://10.96.0.20:443",
+        "LG_ROTATE_WEBHOOK_PORT_443_TCP_ADDR": "10.96.0.20",
+        "LG_ROTATE_WEBHOOK_PORT_443_TCP_PORT": "443",
+        "LG_ROTATE_WEBHOOK_PORT_443_TCP_PROTO": "tcp",
+    }
+    linked = config.resolve_command("rotate", argparse.Namespace(), env=links)
+    assert linked.warnings == ()
+    lone = config.resolve_command(
+        "rotate", argparse.Namespace(), env={"LG_ROTATE_WEBHOOK_PORT": "tcp://10.96.0.20:443"}
+    )
+    assert lone.warnings == ("LG_ROTATE_WEBHOOK_PORT is not a setting of lg-rotate and is ignored",)
     # A setting of another command is no typo: one ConfigMap serves rotate and watch.
     other = config.resolve_command("rotate", argparse.Namespace(), env={"LG_ROTATE_SELECTOR": "a"})
     assert other.warnings == ()

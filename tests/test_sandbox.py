@@ -726,3 +726,86 @@ def test_reset_restores_the_ttl(sandbox: SandboxServer) -> None:
     assert mint(sandbox)["ttlSeconds"] == 90
     sandbox.reset()
     assert mint(sandbox)["ttlSeconds"] == 600
+
+
+# --- the agent double's long-running form (`start`, the end-to-end suite's agent) ----------
+
+
+def start_agent(sandbox: SandboxServer, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LINUXGUARD_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rotator.agent", "start", "--heartbeat", "0.05", *args],
+        env={**base, "LINUXGUARD_URL": sandbox.url, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def pod_env(token: str, uid: str, tenant: str = "acme") -> dict[str, str]:
+    return {
+        "LINUXGUARD_ENROLL_TOKEN": token,
+        "LINUXGUARD_TENANT_ID": tenant,
+        "LINUXGUARD_NODE_NAME": "node-a",
+        "LINUXGUARD_POD_UID": uid,
+    }
+
+
+def test_agent_start_enrols_heartbeats_and_stops_on_sigterm(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    token = mint(sandbox)["token"]
+    process = start_agent(sandbox, pod_env(token, "uid-s"), "--tls-cache", str(tmp_path))
+    assert process.stdout is not None
+    enrolled = process.stdout.readline()
+    heartbeat = process.stdout.readline()
+    process.send_signal(signal.SIGTERM)
+    rest, errors = process.communicate(timeout=10)
+    assert process.returncode == 0, errors
+    assert enrolled.startswith("enrolled: identity lgid-"), enrolled
+    assert f"token {fingerprint(normalize(token).reveal())[:12]}" in enrolled
+    assert heartbeat.startswith("heartbeat: identity lgid-")
+    assert token not in enrolled + heartbeat + rest + errors
+    # The vendor's .tag: a hash of token + workload, never the token.
+    tag = (tmp_path / agent.TLS_CACHE_TAG).read_text()
+    assert token.replace("-", "") not in tag
+    assert tag.split()[0] == agent.cache_tag(
+        normalize(token), agent.workload_id_from(node_name="node-a", pod_uid="uid-s")
+    )
+    # A restart with the same token and workload reuses the cache: no enrol call.
+    calls = sandbox.requests("/agent/enroll")
+    again = start_agent(sandbox, pod_env(token, "uid-s"), "--tls-cache", str(tmp_path))
+    assert again.stdout is not None
+    line = again.stdout.readline()
+    again.send_signal(signal.SIGTERM)
+    again.communicate(timeout=10)
+    assert "from the TLS cache" in line
+    assert sandbox.requests("/agent/enroll") == calls
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("conflict", "enrolment failed: 409 conflict"),
+        ("tenant", "enrolment failed: 400 tenantId required for TOTP enrollment"),
+        ("expired", "enrolment failed: 400 enrollment token expired"),
+    ],
+)
+def test_agent_start_says_why_and_exits_non_zero(
+    sandbox: SandboxServer, case: str, expected: str
+) -> None:
+    token = mint(sandbox)["token"]
+    if case == "conflict":
+        first = start_agent(sandbox, pod_env(token, "uid-first"))
+        assert first.stdout is not None
+        assert first.stdout.readline().startswith("enrolled")
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=10)
+    if case == "expired":
+        sandbox.advance_clock(3600)
+    process = start_agent(sandbox, pod_env(token, "uid-second", "" if case == "tenant" else "acme"))
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == agent.EXIT_REFUSED
+    assert out.splitlines() == [out.splitlines()[0]]
+    assert out.startswith(expected), out
