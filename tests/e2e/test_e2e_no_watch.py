@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from realnode import RealNode, poll
+from fixtures.cluster import wait_for
+from realnode import RealNode
 
 pytestmark = pytest.mark.node
 
@@ -50,7 +51,7 @@ def test_the_second_pod_gets_409_and_crash_loops(two_agents: RealNode) -> None:
         return (pods[0], pods[1]) if len(pods) == 2 and restarts(pods[1]) >= 2 else None
 
     # Back-off 10 s then 20 s: the second restart comes about 15 s after the first start.
-    enrolled, refused = poll(one_refused_twice, timeout=90, what="a pod restarted twice")
+    enrolled, refused = wait_for(one_refused_twice, timeout=90, what="a pod restarted twice")
     assert restarts(enrolled) == 0
     node.wait_for_log(NS, enrolled["metadata"]["name"], "enrolled", timeout=10)
     name = refused["metadata"]["name"]

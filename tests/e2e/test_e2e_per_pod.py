@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 import docblocks
-from realnode import RealNode, poll
+from fixtures.cluster import wait_for
+from realnode import RealNode
 from rotator.agent import workload_id_from
 
 pytestmark = pytest.mark.node
@@ -60,7 +61,7 @@ def test_ten_agents_enrol_ten_out_of_ten_first_try(per_pod: RealNode) -> None:
                 return None
         return pods
 
-    pods = poll(all_enrolled, timeout=120, what=f"{AGENTS} agents enrolled")
+    pods = wait_for(all_enrolled, timeout=120, what=f"{AGENTS} agents enrolled")
     assert [p["status"]["containerStatuses"][0]["restartCount"] for p in pods] == [0] * AGENTS
     secrets = {p["metadata"]["annotations"][ENROLL_SECRET] for p in pods}
     assert len(secrets) == AGENTS  # a Secret of its own for every pod
@@ -97,7 +98,7 @@ def test_a_restarted_agent_replays_its_own_token(per_pod: RealNode) -> None:
         status = current["status"]["containerStatuses"][0]
         return current if status["restartCount"] >= 1 and "running" in status["state"] else None
 
-    poll(restarted, timeout=60, what=f"{name} restarted")
+    wait_for(restarted, timeout=60, what=f"{name} restarted")
     _, again = node.wait_for_log(NS, name, "enrolled", timeout=30)
     # Same pod, same Secret, same token: the same identity, by replay (no 409).
     assert again.split("identity ")[1].split()[0] == first.split("identity ")[1].split()[0]

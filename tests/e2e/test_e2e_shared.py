@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from realnode import ROOT, TENANT, RealNode, poll, timestamp
+from fixtures.cluster import wait_for
+from realnode import ROOT, TENANT, RealNode, timestamp
 
 pytestmark = pytest.mark.node
 
@@ -48,7 +49,7 @@ def running_agent(node: RealNode, *, restarts: int = 0) -> dict[str, Any]:
             return pods[0] if statuses[0][0].get("restartCount", 0) >= restarts else None
         return None
 
-    return poll(ready, timeout=60, what=f"the agent pod running (restarts >= {restarts})")
+    return wait_for(ready, timeout=60, what=f"the agent pod running (restarts >= {restarts})")
 
 
 def started_at(pod: dict[str, Any]) -> Any:
@@ -93,7 +94,7 @@ def test_watch_is_ready_leads_and_rotates_after_the_agent_started(deployed: Depl
         current = deployed.secret_fingerprint()
         return current if not current.startswith(consumed) else None
 
-    poll(rotated, timeout=30, what="watch rotating the Secret after the agent's start")
+    wait_for(rotated, timeout=30, what="watch rotating the Secret after the agent's start")
     log = node.kubectl("-n", NS, "logs", watch["metadata"]["name"])
     assert f"after the start of pod {pod['metadata']['name']}" in log
 
@@ -105,7 +106,7 @@ def test_a_killed_agent_restarts_and_enrols_with_the_next_token(deployed: Deploy
     _, first = node.wait_for_log(NS, name, "enrolled", timeout=20)
     before = pod["status"]["containerStatuses"][0]["restartCount"]
     # watch has rotated after the start: the Secret holds the token the restart will read.
-    poll(
+    wait_for(
         lambda: (
             True if not deployed.secret_fingerprint().startswith(first.rsplit(" ", 1)[1]) else None
         ),
