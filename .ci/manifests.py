@@ -50,6 +50,11 @@ VARIANTS["cronjob/overlays/vault+per-pod+monitoring"] = (
     "cronjob/overlays/vault",
     ("cronjob/components/per-pod", "cronjob/components/monitoring"),
 )
+# webhook-certs replaces cert-manager in per-pod: lg-rotate keeps the webhook's certificates.
+VARIANTS["cronjob/overlays/vault+per-pod+webhook-certs"] = (
+    "cronjob/overlays/vault",
+    ("cronjob/components/per-pod", "cronjob/components/webhook-certs"),
+)
 # Custom resources the manifests use, validated against local schemas of the fields used
 # (kubernetes-validate knows only the built-in kinds): apiVersion -> schema file. Handled here
 # explicitly, never skipped: cert-manager's Certificate and Issuer (per-pod), and the Prometheus

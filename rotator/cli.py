@@ -502,15 +502,38 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         shards=resolved.record_shards,
         budget=resolved.admission_budget,
         on_failure=resolved.on_failure,
+        wait_for_pair=resolved.tls_self_managed,
     )
+    keeper = None
+    if resolved.tls_self_managed:
+        from rotator.kube.webhook_certs import CertKeeper
+
+        keeper = CertKeeper(
+            api_client=kube.api_client,
+            namespace=kube.namespace,
+            secret_name=resolved.tls_secret,
+            webhook_configuration=resolved.tls_webhook_configuration,
+            service=resolved.tls_service,
+        )
     plain = _webhook_metrics_server(server, _metrics_address(resolved))
     stop = threading.Event()
     restore = controller.install_signal_handlers(stop)
+    keeping = None
     try:
         if plain is not None:
             plain.start()
+        if keeper is not None:
+            # Beside the server, on the same stop: on SIGTERM it releases its Lease, so
+            # another replica keeps the certificates at once.
+            keeping = threading.Thread(
+                target=keeper.run, kwargs={"stop": stop}, name="lg-rotate-webhook-certs"
+            )
+            keeping.start()
         webhook.serve(server, stop=stop)
     finally:
+        stop.set()
+        if keeping is not None and keeper is not None:
+            keeping.join(timeout=keeper.request_timeout + 5)
         if plain is not None:
             plain.stop()
         restore()
@@ -568,7 +591,7 @@ def _webhook_metrics_server(server: Any, address: tuple[str, int] | None) -> Any
     return _Listener(
         registry=server.metrics.registry,
         liveness=lambda: (True, {}),
-        readiness=lambda: (not server.draining, {"draining": server.draining}),
+        readiness=server.readiness,  # draining, or no key pair loaded yet
         host=host,
         port=port,
     )

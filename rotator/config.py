@@ -390,6 +390,37 @@ WEBHOOK_SETTINGS = (
         parse=parse_positive_int,
         metavar="N",
     ),
+    Setting(
+        name="tls-self-managed",
+        help="without cert-manager: lg-rotate keeps the serving certificates itself (one "
+        "replica at a time, by a Lease): a CA and a key pair in --tls-secret, the CA in "
+        "--tls-webhook-configuration's caBundle, renewed and rotated with overlap; every replica "
+        "still serves the files --tls-cert-file/--tls-private-key-file, and is not ready "
+        "until they load",
+        default=False,
+        parse=parse_bool,
+        switch=True,
+    ),
+    Setting(
+        name="tls-secret",
+        help="with --tls-self-managed: the kubernetes.io/tls Secret (in --namespace) the key "
+        "pair is kept in, the one the replicas mount",
+        default="lg-rotate-webhook-tls",
+        metavar="NAME",
+    ),
+    Setting(
+        name="tls-webhook-configuration",
+        help="with --tls-self-managed: the MutatingWebhookConfiguration whose caBundle is kept",
+        default="lg-rotate-per-pod",
+        metavar="NAME",
+    ),
+    Setting(
+        name="tls-service",
+        help="with --tls-self-managed: the webhook's Service; the serving certificate names "
+        "NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local",
+        default="lg-rotate-webhook",
+        metavar="NAME",
+    ),
 )
 
 OUTPUT_SETTINGS = (

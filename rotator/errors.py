@@ -172,6 +172,13 @@ class KubernetesError(TargetError):
     """The Kubernetes API failed or refused."""
 
 
+class CertificateError(KubernetesError):
+    """The webhook's self-managed serving certificates cannot be kept (Secret, caBundle).
+
+    Messages name objects and fingerprints only, never a certificate or key body.
+    """
+
+
 class RolloutTimeoutError(KubernetesError):
     """A restart or roll did not complete within its timeout."""
 

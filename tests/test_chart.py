@@ -136,6 +136,11 @@ EQUIVALENT = [
     ("cronjob/overlays/aws+per-pod", "kustomize-aws", ("perPod.enabled=true",)),
     ("cronjob/overlays/vault+monitoring", "kustomize-vault", ("monitoring.podMonitors=true",)),
     (
+        "cronjob/overlays/vault+per-pod+webhook-certs",
+        "kustomize-vault",
+        ("perPod.enabled=true", "perPod.certificates=self-managed"),
+    ),
+    (
         "cronjob/overlays/vault+per-pod+monitoring",
         "kustomize-vault",
         ("perPod.enabled=true", "monitoring.podMonitors=true"),
@@ -162,6 +167,10 @@ def test_the_chart_renders_what_kustomize_renders(
     # What the chart does on purpose, and kustomize does not:
     secret = ours[("Secret", "linuxguard-enroll")]
     assert drop(secret, "metadata", "annotations") == {"helm.sh/resource-policy": "keep"}
+    if ("Secret", "lg-rotate-webhook-tls") in ours:
+        # Created once by a pre-install hook, so that no upgrade rewrites the keeper's pair.
+        hooked = drop(ours[("Secret", "lg-rotate-webhook-tls")], "metadata", "annotations")
+        assert hooked["helm.sh/hook"] == "pre-install"
     if ("ServiceAccount", "lg-rotate-webhook") in ours and values != "kustomize-vault":
         # The webhook's store identity too (kustomize: a patch of yours, docs/PER-POD.md).
         webhook_sa = ours[("ServiceAccount", "lg-rotate-webhook")]
@@ -185,6 +194,7 @@ OPTIONS = [
         ("perPod.enabled=true", "perPod.certificates=secret", "perPod.caBundle=Y2E="),
     ),
     ("kustomize-gcp", ("perPod.enabled=true", "networkPolicy.enabled=false")),
+    ("kustomize-vault", ("perPod.enabled=true", "perPod.certificates=self-managed")),
     ("kustomize-vault", ("watch.enabled=false", "admissionPolicies.create=false")),
     ("kustomize-vault", ("image.digest=sha256:" + "a" * 64, "tests.enabled=true")),
     ("kustomize-vault", ("vault.egress.cidr=10.0.0.0/8", "settings.LG_ROTATE_MIN_TTL=2m")),

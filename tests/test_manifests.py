@@ -1012,3 +1012,89 @@ def test_pod_monitors_are_validated_not_skipped() -> None:
     monitor = copy.deepcopy(_find(docs, "PodMonitor", "lg-rotate-watch"))
     monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "half a minute"
     assert manifests.validate([monitor]) != []
+
+
+# --- the optional webhook-certs component (lg-rotate keeps the webhook's certificates) ---------
+
+WEBHOOK_CERTS = "cronjob/components/webhook-certs"
+
+
+def test_webhook_certs_replaces_cert_manager_with_narrow_rights(
+    variants: dict[str, list[dict[str, Any]]],
+) -> None:
+    from rotator.kube import webhook_certs
+
+    docs = manifests.documents(
+        manifests.render_variant("cronjob/overlays/vault+per-pod+webhook-certs")
+    )
+    assert manifests.validate(docs) == []
+    per_pod = variants["cronjob/overlays/vault+per-pod"]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [d["kind"] for d in per_pod if not d["apiVersion"].startswith("cert-manager.io/")]
+        + ["Secret", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]
+    )
+    assert len(docs) == len(per_pod) - 4 + 5  # cert-manager's 4 out, 5 in
+    configuration = _find(docs, "MutatingWebhookConfiguration", "lg-rotate-per-pod")
+    assert "cert-manager.io/inject-ca-from" not in (
+        configuration["metadata"].get("annotations") or {}
+    )
+    # The Secret ships empty, of the type the keeper writes; the Deployment mounts it.
+    secret = _find(docs, "Secret", webhook_certs.DEFAULT_TLS_SECRET)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["data"] == {"tls.crt": "", "tls.key": ""}
+    assert secret["metadata"]["namespace"] == "linuxguard"
+    pod = _find(docs, "Deployment", "lg-rotate-webhook")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--tls-self-managed" in args
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert {item["key"] for item in volume["secret"]["items"]} == {
+        "tls.crt",
+        "tls.key",
+    }  # no ca.key
+    # The flags' defaults are the component's names (it passes none of them).
+    assert not {"--tls-secret", "--tls-webhook-configuration", "--tls-service"} & set(args)
+    assert configuration["metadata"]["name"] == webhook_certs.DEFAULT_WEBHOOK_CONFIGURATION
+    assert _find(docs, "Service", webhook_certs.DEFAULT_SERVICE)
+    # RBAC: by name wherever RBAC can name, create on leases alone.
+    role = _find(docs, "Role", "lg-rotate-webhook-certs")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"],
+         "resourceNames": [webhook_certs.DEFAULT_TLS_SECRET], "verbs": ["get", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [webhook_certs.LEASE_NAME], "verbs": ["get", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]  # fmt: skip
+    cluster_role = _find(docs, "ClusterRole", "lg-rotate-webhook-certs")
+    assert cluster_role["rules"] == [
+        {"apiGroups": ["admissionregistration.k8s.io"],
+         "resources": ["mutatingwebhookconfigurations"],
+         "resourceNames": [webhook_certs.DEFAULT_WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]}
+    ]  # fmt: skip
+    for kind, ref in (("RoleBinding", "Role"), ("ClusterRoleBinding", "ClusterRole")):
+        binding = _find(docs, kind, "lg-rotate-webhook-certs")
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": ref, "name": "lg-rotate-webhook-certs"
+        }  # fmt: skip
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "lg-rotate-webhook", "namespace": "linuxguard"}
+        ]
+    # per-pod's admission policy lets the webhook update its TLS Secret, nothing else new.
+    policy = _find(docs, "ValidatingAdmissionPolicy", "lg-rotate-per-pod-secrets")
+    update = policy["spec"]["validations"][2]["expression"]
+    assert "request.name == 'lg-rotate-webhook-tls'" in update
+    before = _find(per_pod, "ValidatingAdmissionPolicy", "lg-rotate-per-pod-secrets")
+    assert update.startswith(before["spec"]["validations"][2]["expression"] + " ||")
+    # Everything else is per-pod's, unchanged.
+    changed = {("Deployment", "lg-rotate-webhook"), ("MutatingWebhookConfiguration", "lg-rotate-per-pod"),
+               ("ValidatingAdmissionPolicy", "lg-rotate-per-pod-secrets")}  # fmt: skip
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in per_pod}
+    for doc in docs:
+        key = (doc["kind"], doc["metadata"]["name"])
+        if key in theirs and key not in changed:
+            assert doc == theirs[key], key
+    spec = yaml.safe_load((ROOT / WEBHOOK_CERTS / "kustomization.yaml").read_text())
+    assert spec["kind"] == "Component"
+    files = {p.name for p in (ROOT / WEBHOOK_CERTS).glob("*.yaml")} - {"kustomization.yaml"}
+    assert files == set(spec["resources"])

@@ -19,7 +19,7 @@ import pytest
 
 from rotator import cli, config
 from rotator.errors import ConfigError
-from rotator.kube.webhook import WebhookMetrics
+from rotator.kube.webhook import WebhookMetrics, WebhookServer
 
 EVERY_ADDRESS = "0.0.0.0"  # noqa: S104 - what ":PORT" means, as in controller-runtime
 
@@ -113,7 +113,8 @@ def get(port: int, path: str) -> tuple[int, str, str]:
 def test_the_webhook_plain_http_metrics_listener() -> None:
     metrics = WebhookMetrics(in_flight=lambda: 2)
     metrics.admissions.inc(result="minted")
-    server = SimpleNamespace(metrics=metrics, draining=False)
+    server = SimpleNamespace(metrics=metrics, draining=False, tls=SimpleNamespace(has_pair=True))
+    server.readiness = lambda: WebhookServer.readiness(server)  # the real rule, on this stand-in
     assert cli._webhook_metrics_server(server, None) is None
     listener = cli._webhook_metrics_server(server, ("127.0.0.1", 0))
     listener.start()
@@ -124,6 +125,10 @@ def test_the_webhook_plain_http_metrics_listener() -> None:
         assert "lg_rotate_webhook_in_flight 2.0" in body
         assert get(listener.port, "/healthz")[0] == 200
         assert get(listener.port, "/readyz")[0] == 200
+        server.tls.has_pair = False  # --tls-self-managed, before the key pair arrived
+        status, _, body = get(listener.port, "/readyz")
+        assert (status, json.loads(body)["tls"]) == (503, False)
+        server.tls.has_pair = True
         server.draining = True
         status, _, body = get(listener.port, "/readyz")
         assert (status, json.loads(body)["draining"]) == (503, True)

@@ -59,6 +59,7 @@ FIELD_MANAGER = "lg-rotate"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 DEFAULT_REQUEST_TIMEOUT = 30.0
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"  # RFC 6902: one field of a list item
 JSON = "application/json"
 # Metadata only (no data: never a token) for a Secret list or get: the API server's
 # PartialObjectMetadata conversion, asked for in the Accept header.
@@ -115,6 +116,8 @@ class ApiOp:
     def what(self) -> str:
         if self.name is None:
             return f"{self.kind}s in namespace {self.namespace!r}"
+        if not self.namespace:  # cluster-scoped (a MutatingWebhookConfiguration)
+            return f"{self.kind} {self.name}"
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
@@ -147,10 +150,15 @@ def api_error(exc: Any, op: ApiOp) -> KubernetesError:  # noqa: PLR0911 - one an
             if op.name and op.verb not in ("create", "list", "watch")
             else ""
         )
+        where, role = (
+            (f"in namespace {op.namespace!r}", "Role")
+            if op.namespace
+            else ("cluster-wide", "ClusterRole")  # a cluster-scoped object
+        )
         return KubernetesForbiddenError(
             f"forbidden (403): lg-rotate may not {op.verb} {op.what}; it needs the RBAC verb "
-            f"'{op.verb}' on '{op.resource}{group}' in namespace {op.namespace!r}",
-            fix=f'add to its Role: apiGroups: ["{op.group}"], resources: ["{op.resource}"], '
+            f"'{op.verb}' on '{op.resource}{group}' {where}",
+            fix=f'add to its {role}: apiGroups: ["{op.group}"], resources: ["{op.resource}"], '
             f'verbs: ["{op.verb}"]{scope} (see cronjob/base/rbac.yaml)'
             + (
                 "; the shipped Role grants no create on Secrets: apply cronjob/base/secret.yaml"

@@ -75,7 +75,10 @@ when either file changes (inode, size or mtime: cert-manager and the kubelet's a
 projected-volume swap both change them): each new connection gets the current
 ``SSLContext``, checked against the files' ``stat`` first. A pair that does not load (say, the
 certificate was replaced before the key) keeps the previous one in service until the files
-change again. Established connections keep the certificate they shook hands with.
+change again. Established connections keep the certificate they shook hands with. With
+``--tls-self-managed`` lg-rotate writes that Secret itself (:mod:`rotator.kube.webhook_certs`,
+one writer through a Lease, CA rotation with overlap), and a replica whose files do not load
+yet serves a throwaway certificate and reports not ready (``/readyz`` 503) until they do.
 
 **Serving.** One HTTPS listener: ``POST /mutate``, ``GET /healthz``, ``/readyz`` and
 ``/metrics`` (Prometheus text; counts and seconds only). A thread per connection, so
@@ -1213,7 +1216,14 @@ def _file_state(path: str) -> _FileState:
 
 
 class ReloadingTls:
-    """The serving ``SSLContext``, rebuilt when the certificate or key file changes."""
+    """The serving ``SSLContext``, rebuilt when the certificate or key file changes.
+
+    With ``wait_for_pair`` (``--tls-self-managed``: lg-rotate writes the pair itself, and a
+    replica may start before the kubelet has delivered it), files that do not load yet are no
+    error: a throwaway self-signed certificate (trusted by nobody) is served instead, so the
+    probes get answers (``/healthz`` 200, ``/readyz`` 503: :attr:`has_pair` is False) rather
+    than the container crash-looping, until the files change and load.
+    """
 
     def __init__(
         self,
@@ -1221,21 +1231,34 @@ class ReloadingTls:
         key_file: str,
         *,
         on_reload: Callable[[bool], None] | None = None,
+        wait_for_pair: bool = False,
     ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
         self._on_reload = on_reload
         self._lock = threading.Lock()
         self._state = self._states()
+        self.has_pair = True
         try:
             self._context, self.fingerprint = self._load()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load the TLS key pair {cert_file} / {key_file}: "
-                f"{getattr(exc, 'reason', None) or type(exc).__name__}",
-                fix="pass --tls-cert-file and --tls-private-key-file with a PEM certificate "
-                "(chain) and its private key (cert-manager: tls.crt and tls.key)",
-            ) from None  # the cause may quote key material
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            if not wait_for_pair:
+                raise ConfigError(
+                    f"cannot load the TLS key pair {cert_file} / {key_file}: {reason}",
+                    fix="pass --tls-cert-file and --tls-private-key-file with a PEM certificate "
+                    "(chain) and its private key (cert-manager: tls.crt and tls.key)",
+                ) from None  # the cause may quote key material
+            self._context, self.fingerprint = _placeholder_context(), "placeholder"
+            self.has_pair = False
+            log.warning(
+                "the TLS key pair %s / %s does not load yet (%s): not ready until it does "
+                "(with --tls-self-managed, lg-rotate's certificate keeper writes it into the "
+                "Secret and the kubelet delivers it, within about a minute)",
+                cert_file,
+                key_file,
+                reason,
+            )
         self._failed_state: tuple[_FileState, _FileState] | None = None
         self.reloads = 0
 
@@ -1277,6 +1300,7 @@ class ReloadingTls:
                 return self._context
             self._context, self._state, self._failed_state = context, state, None
             previous, self.fingerprint = self.fingerprint, fingerprint
+            self.has_pair = True
             self.reloads += 1
             log.info(
                 "reloaded the TLS key pair: certificate %s (was %s)",
@@ -1286,6 +1310,26 @@ class ReloadingTls:
             if self._on_reload is not None:
                 self._on_reload(True)
             return self._context
+
+
+def _placeholder_context() -> ssl.SSLContext:
+    """A server context with a throwaway self-signed pair (see :class:`ReloadingTls`)."""
+    import tempfile
+
+    from rotator.kube.webhook_certs import placeholder_pair
+
+    cert_pem, key_pem = placeholder_pair()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # load_cert_chain reads files only: a private folder, gone right after.
+    with tempfile.TemporaryDirectory(prefix="lg-rotate-placeholder-") as folder:
+        cert_path, key_path = os.path.join(folder, "tls.crt"), os.path.join(folder, "tls.key")
+        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+        context.load_cert_chain(cert_path, key_path)
+    return context
 
 
 # --- the HTTPS server ------------------------------------------------------------------
@@ -1351,8 +1395,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/healthz", "/livez"):
             self._send_json(200, {"ok": True})
         elif path == "/readyz":
-            ready = not owner.draining
-            self._send_json(200 if ready else 503, {"ok": ready, "draining": owner.draining})
+            ready, details = owner.readiness()
+            self._send_json(200 if ready else 503, {"ok": ready, **details})
         else:
             self._send_json(404, {"error": "not found"})
 
@@ -1422,6 +1466,11 @@ class WebhookServer:
         self._thread: threading.Thread | None = None
         self._requests = 0
         self._requests_done = threading.Condition()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: not draining, and serving a real key pair (not the placeholder)."""
+        details = {"draining": self.draining, "tls": self.tls.has_pair}
+        return not self.draining and self.tls.has_pair, details
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
@@ -1542,9 +1591,14 @@ def build_server(
     shards: int = DEFAULT_RECORD_SHARDS,
     budget: float = DEFAULT_BUDGET,
     on_failure: OnFailure = "deny",
+    wait_for_pair: bool = False,
     clock: Callable[[], datetime] = utcnow,
 ) -> WebhookServer:
-    """Everything ``lg-rotate webhook`` runs, from resolved settings (not started yet)."""
+    """Everything ``lg-rotate webhook`` runs, from resolved settings (not started yet).
+
+    ``wait_for_pair`` (``--tls-self-managed``): key pair files that do not load yet make the
+    server unready instead of failing (:class:`ReloadingTls`).
+    """
     from providers.base import Stage
 
     host, port = parse_listen(listen)
@@ -1566,6 +1620,7 @@ def build_server(
         cert_file,
         key_file,
         on_reload=lambda ok: metrics.tls_reloads.inc(result="ok" if ok else "failed"),
+        wait_for_pair=wait_for_pair,
     )
     widen_connection_pool(api_client, 64)
     admitter = Admitter(

@@ -30,7 +30,7 @@ from rotator.sandbox import SandboxServer
 ENABLE = "sudo bash .ci/e2e  (builds the images, then runs pytest -m node)"
 ARCHIVES = ("lg-rotate-vault", "agent")
 # The namespaces the suite deploys into: Vault's role admits lg-rotate's ServiceAccounts there.
-NAMESPACES = ("e2e-shared", "e2e-no-watch", "linuxguard", "e2e-helm3", "e2e-helm4")
+NAMESPACES = ("e2e-shared", "e2e-no-watch", "linuxguard", "e2e-certs", "e2e-helm3", "e2e-helm4")
 
 
 def _prerequisites() -> tuple[Path, dict[str, Path]] | str:

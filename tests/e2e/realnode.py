@@ -40,6 +40,7 @@ API_KEY = "lgsbx-e2e-any-tenant-key"
 OVERLAY = ROOT / "cronjob" / "overlays" / "vault"
 AGENT = ROOT / "cronjob" / "agent"
 PER_POD = ROOT / "cronjob" / "components" / "per-pod"
+WEBHOOK_CERTS = ROOT / "cronjob" / "components" / "webhook-certs"
 SHIPPED_IMAGE = "registry.example.com/linuxguard/lg-rotate"  # cronjob/base/kustomization.yaml
 SHIPPED_AGENT_IMAGE = "registry.example.com/linuxguard/linuxguard-agent"  # cronjob/agent
 AGENT_SELECTOR = "app=linuxguard-agent"
@@ -141,11 +142,13 @@ class RealNode:
         self,
         namespace: str,
         *,
-        per_pod_patches: Sequence[dict[str, Any]] | None = None,
+        components: Sequence[Path] = (),
+        component_patches: Sequence[dict[str, Any]] = (),
         patches: Sequence[dict[str, Any]] = (),
     ) -> None:
         """``kubectl apply -k`` of the vault overlay in ``namespace`` with its placeholders
-        filled in; with ``per_pod_patches``, plus the per-pod component (and those patches)."""
+        filled in; with ``components`` (per-pod, webhook-certs), those on top, with
+        ``component_patches``, as docs/PER-POD.md shows it."""
         settings = [
             f"LG_ROTATE_TENANT={TENANT}",
             f"LG_ROTATE_LINUXGUARD_URL={self.sandbox.url}",
@@ -165,16 +168,16 @@ class RealNode:
                 "patches": list(patches),
             },
         )
-        if per_pod_patches is not None:
-            # As docs/PER-POD.md shows it: your overlay, then the component on top (and the
-            # image again: the component's webhook Deployment comes in at this level).
+        if components:
+            # Your overlay, then the components on top (and the image again: the component's
+            # webhook Deployment comes in at this level).
             overlay = self.kustomization(
-                f"{namespace}-per-pod",
+                f"{namespace}-components",
                 {
                     "resources": [overlay],
-                    "components": [PER_POD],
+                    "components": list(components),
                     "images": images,
-                    "patches": list(per_pod_patches),
+                    "patches": list(component_patches),
                 },
             )
         self.kubectl("apply", "-k", str(overlay))

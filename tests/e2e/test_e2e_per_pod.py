@@ -13,7 +13,7 @@ import pytest
 
 import docblocks
 from fixtures.cluster import wait_for
-from realnode import RealNode
+from realnode import PER_POD, RealNode
 from rotator.agent import workload_id_from
 
 pytestmark = pytest.mark.node
@@ -27,7 +27,7 @@ ENROLL_SECRET = "linuxguard.io/enroll-secret"
 def per_pod(real_node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     patches, script = docblocks.without_cert_manager()
     real_node.namespace(NS)
-    real_node.deploy(NS, per_pod_patches=patches)
+    real_node.deploy(NS, components=[PER_POD], component_patches=patches)
     real_node.run_script(script, cwd=tmp_path_factory.mktemp("tls"))
     real_node.wait(NS, "--for=condition=available", "deployment/lg-rotate-webhook")
     # No agent before both replicas serve: with failurePolicy Fail the create would be refused.
