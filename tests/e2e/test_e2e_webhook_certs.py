@@ -81,12 +81,16 @@ def test_a_leader_change_keeps_the_certificates_and_admits_on(
     before = node.get("mutatingwebhookconfiguration", "lg-rotate-per-pod")
     leader = holder(node)
     replicas = [p["metadata"]["name"] for p in node.pods(NS, WEBHOOK)]
+    assert len(replicas) == 2
     (leading,) = [name for name in replicas if leader.startswith(name)]
-    (standby,) = [name for name in replicas if name != leading]
     node.kubectl("-n", NS, "delete", "pod", leading, "--wait=false")  # SIGTERM: it releases
-    wait_for(
-        lambda: holder(node).startswith(standby) or None, timeout=60, what="the standby leading"
-    )
+
+    def new_leader() -> str | None:
+        current = holder(node)
+        return current if current and not current.startswith(leading) else None
+
+    # The standby, or the Deployment's replacement pod, whichever takes the Lease first.
+    wait_for(new_leader, timeout=60, what="another replica leading")
     node.kubectl("-n", NS, "scale", "deployment/linuxguard-agents", "--replicas=6")
     wait_for(lambda: enrolled_agents(node, 6), timeout=120, what="6 agents enrolled")
     after = node.get("mutatingwebhookconfiguration", "lg-rotate-per-pod")
