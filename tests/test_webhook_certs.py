@@ -632,9 +632,10 @@ def test_a_ca_rotation_under_load_through_two_replicas_fails_no_admission(
     k8s: Cluster, k8s_namespace: str, sandbox: SandboxServer, tmp_path: Path
 ) -> None:
     """Pods are created through the API server the whole time; it calls two replicas (in
-    turn) that serve what a late kubelet copied from the Secret (0.1 s and 1 s behind). The
-    keeper starts from the empty Secret, renews the serving pair, rotates the CA in three
-    phases: no admission fails."""
+    turn) that serve what a late kubelet copied from the Secret (0.1 s and 1 s behind). Each
+    replica runs a keeper, as in production: the leader starts from the empty Secret, renews
+    the serving pair, begins a CA rotation, and is stopped (SIGTERM) once the new CA is added;
+    the other takes the Lease over and finishes the rotation. No admission fails."""
     k8s.apply(shared_secret(), k8s_namespace)
     k8s.apply(tls_secret(), k8s_namespace)
     volumes = [ProjectedVolume(tmp_path / f"replica-{i}") for i in range(2)]
@@ -657,20 +658,27 @@ def test_a_ca_rotation_under_load_through_two_replicas_fails_no_admission(
         Kubelet(k8s, k8s_namespace, volume, lag)
         for volume, lag in zip(volumes, (0.1, 1.0), strict=True)
     ]
-    keeper = CertKeeper(
-        api_client=k8s.api_client(),
-        namespace=k8s_namespace,
-        secret_name=SECRET,
-        webhook_configuration=name,
-        service=SERVICE,
-        lifetimes=SHORT,
-        extra_ip_addresses=["127.0.0.1"],  # clientConfig.url is https://127.0.0.1:PORT
-        lease_duration=3.0,
-        check_interval=0.1,
-        retry_interval=0.2,
-    )
-    stop = threading.Event()
-    keeping = threading.Thread(target=keeper.run, kwargs={"stop": stop}, daemon=True)
+    keepers = [
+        CertKeeper(
+            api_client=k8s.api_client(),
+            namespace=k8s_namespace,
+            secret_name=SECRET,
+            webhook_configuration=name,
+            service=SERVICE,
+            lifetimes=SHORT,
+            extra_ip_addresses=["127.0.0.1"],  # clientConfig.url is https://127.0.0.1:PORT
+            lease_duration=3.0,
+            check_interval=0.1,
+            retry_interval=0.2,
+        )
+        for _ in replicas
+    ]
+    stops = [threading.Event() for _ in keepers]
+    keeping = [
+        threading.Thread(target=keeper.run, kwargs={"stop": stop}, daemon=True)
+        for keeper, stop in zip(keepers, stops, strict=True)
+    ]
+    handed_over: list[CertKeeper] = []  # the leader stopped mid-rotation
     core = client.CoreV1Api(widen_pool(k8s.api_client()))
     created: list[float] = []
     failures: list[str] = []
@@ -694,13 +702,20 @@ def test_a_ca_rotation_under_load_through_two_replicas_fails_no_admission(
             phase = ((secret.get("metadata") or {}).get("annotations") or {}).get(PHASE_ANNOTATION)
             if phase and (not phases or phases[-1] != phase):
                 phases.append(phase)
+            if phase == "ca-added" and not handed_over:
+                # A leader change in the middle of the rotation: stop whoever leads now.
+                for keeper, stop in zip(keepers, stops, strict=True):
+                    if keeper.leading.is_set():
+                        handed_over.append(keeper)
+                        stop.set()
 
     try:
         # Replicas that start before the Secret has a pair wait, not ready; they do not crash.
         assert not any(ready(server) for server in replicas)
         for kubelet in kubelets:
             kubelet.start()
-        keeping.start()
+        for thread in keeping:
+            thread.start()
         wait_for(lambda: all(ready(s) for s in replicas), timeout=15, what="both replicas ready")
         wait_until_mutating(core, k8s_namespace)
         first = read_state(k8s.get("v1/secrets", k8s_namespace, SECRET) or {})
@@ -736,8 +751,10 @@ def test_a_ca_rotation_under_load_through_two_replicas_fails_no_admission(
         assert ca_bundle(k8s, name) == final.bundle_pem
     finally:
         load_stop.set()
-        stop.set()
-        keeping.join(timeout=10)
+        for stop in stops:
+            stop.set()
+        for thread in keeping:
+            thread.join(timeout=10)
         for kubelet in kubelets:
             kubelet.stop.set()
         proxy.stop()
@@ -747,10 +764,19 @@ def test_a_ca_rotation_under_load_through_two_replicas_fails_no_admission(
 
     assert failures == [], failures[:5]
     assert len(created) >= 50, len(created)
-    assert keeper.actions.get("bootstrap") == 1
-    assert keeper.actions.get("renew-serving", 0) >= 1  # under the same CA first
-    assert (keeper.actions.get("add-ca"), keeper.actions.get("switch-serving")) == (1, 1)
-    assert keeper.actions.get("retire-ca") == 1
+    actions: dict[str, int] = {}
+    for keeper in keepers:
+        for action, count in keeper.actions.items():
+            actions[action] = actions.get(action, 0) + count
+    assert actions.get("bootstrap") == 1  # one writer: the other stood by
+    assert actions.get("renew-serving", 0) >= 1  # under the same CA first
+    assert (actions.get("add-ca"), actions.get("switch-serving")) == (1, 1)
+    assert actions.get("retire-ca") == 1
+    (first_leader,) = handed_over
+    (second_leader,) = [k for k in keepers if k is not first_leader]
+    assert first_leader.actions.get("add-ca") == 1  # it began the rotation ...
+    assert second_leader.actions.get("switch-serving") == 1  # ... the other finished it
+    assert second_leader.actions.get("retire-ca") == 1
     assert phases[-3:] == ["ca-added", "serving-switched", "stable"], phases
     for server in replicas:
         assert server.metrics.admissions.value(result="minted") > 0  # both did real work
