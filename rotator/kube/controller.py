@@ -110,7 +110,7 @@ from rotator.kube.collisions import (
     Verdict,
 )
 from rotator.kube.events import read_secret_uid, record_event
-from rotator.kube.lease import LeaseLock, lease_name_for
+from rotator.kube.lease import LeaseLock, compete, lease_name_for
 from rotator.kube.pods import ContainerView, PodApi, PodStart, PodView, container_instances
 from rotator.kube.podsecret_keeper import (
     ADOPTED,
@@ -544,30 +544,21 @@ class Controller:
             self.target.name,
             self.lease_name,
         )
-        last_holder: str | None = None
+
+        def attempt() -> None:
+            self._beat = self.monotonic()
+            self.election_attempts += 1
+
         try:
-            while not stop.is_set():
-                self._beat = self.monotonic()
-                self.election_attempts += 1
-                try:
-                    holder = self._lease.try_acquire()
-                except LgRotateError as exc:
-                    log.warning("leader election failed: %s", exc.one_line())
-                    stop.wait(self.lease_retry_period)
-                    continue
-                if holder is None:
-                    last_holder = None
-                    self._lead(stop)
-                    continue
-                if holder.identity != last_holder:
-                    log.info(
-                        "standing by: %s leads (Lease %s/%s)",
-                        holder.identity,
-                        self.namespace,
-                        self.lease_name,
-                    )
-                    last_holder = holder.identity
-                stop.wait(self.lease_retry_period)
+            compete(
+                self._lease,
+                stop=stop,
+                lead=self._lead,
+                retry_period=self.lease_retry_period,
+                what="controller",
+                log=log,
+                on_attempt=attempt,
+            )
         finally:
             self._running = False
             self._events_stop.set()

@@ -572,6 +572,47 @@ class LeaseLock:
                 )
 
 
+def compete(
+    lease: LeaseLock,
+    *,
+    stop: threading.Event,
+    lead: Callable[[threading.Event], None],
+    retry_period: float,
+    what: str,
+    log: logging.Logger = logger,
+    on_attempt: Callable[[], None] | None = None,
+) -> None:
+    """Leader election, until ``stop``: take ``lease`` when it is free and ``lead(stop)`` while
+    holding it (``lead`` renews, and returns when it loses or stops); otherwise stand by and
+    try again every ``retry_period``. ``watch``'s controller and the webhook's certificate
+    keeper both run this loop; ``what`` names the duty in the logs (``log``, the caller's),
+    ``on_attempt`` runs before every attempt (the controller's liveness beat)."""
+    last_holder: str | None = None
+    while not stop.is_set():
+        if on_attempt is not None:
+            on_attempt()
+        try:
+            holder = lease.try_acquire()
+        except LgRotateError as exc:
+            log.warning("%s: leader election failed: %s", what, exc.one_line())
+            stop.wait(retry_period)
+            continue
+        if holder is None:
+            last_holder = None
+            lead(stop)
+            continue
+        if holder.identity != last_holder:
+            log.info(
+                "%s: standing by, %s leads (Lease %s/%s)",
+                what,
+                holder.identity,
+                lease.namespace,
+                lease.name,
+            )
+            last_holder = holder.identity
+        stop.wait(retry_period)
+
+
 def _when(value: datetime | None) -> str:
     return format_timestamp(value) if value is not None else "never"
 

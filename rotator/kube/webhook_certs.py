@@ -104,7 +104,7 @@ from rotator.kube.api import (
     micro_time,
     optional_timestamp,
 )
-from rotator.kube.lease import LeaseLock
+from rotator.kube.lease import LeaseLock, compete
 from rotator.tokens import format_timestamp, utcnow
 
 if TYPE_CHECKING:
@@ -1083,28 +1083,15 @@ class CertKeeper:
             self.lease_name,
         )
         self._running = True
-        last_holder: str | None = None
         try:
-            while not stop.is_set():
-                try:
-                    holder = self._lease.try_acquire()
-                except LgRotateError as exc:
-                    log.warning("certificate keeper: leader election failed: %s", exc.one_line())
-                    stop.wait(self.retry_interval)
-                    continue
-                if holder is None:
-                    last_holder = None
-                    self._lead(stop)
-                    continue
-                if holder.identity != last_holder:
-                    log.info(
-                        "certificate keeper standing by: %s keeps the certificates (Lease %s/%s)",
-                        holder.identity,
-                        self.namespace,
-                        self.lease_name,
-                    )
-                    last_holder = holder.identity
-                stop.wait(min(self.renew_period, self.retry_interval))
+            compete(
+                self._lease,
+                stop=stop,
+                lead=self._lead,
+                retry_period=min(self.renew_period, self.retry_interval),
+                what="certificate keeper",
+                log=log,
+            )
         finally:
             self._running = False
 
