@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+import ciscripts
 from fixtures.cluster import Cluster
 from fixtures.helm import HELM_VERSIONS
 
@@ -35,18 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "lg-rotate"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-manifests = _load("manifests")
-chart_readme = _load("chart_readme")
+manifests = ciscripts.load("manifests")
+chart_readme = ciscripts.load("chart_readme")
 
 
 @pytest.fixture(params=HELM_VERSIONS)

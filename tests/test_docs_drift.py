@@ -23,7 +23,6 @@ failure message shows the row the code implies). Topics:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import logging
@@ -41,6 +40,7 @@ from typing import Any
 import pytest
 import yaml
 
+import ciscripts
 import docblocks
 from providers import registry
 from rotator import config
@@ -689,14 +689,7 @@ def test_the_rbac_table_parser_sees_a_drift():
 
 def _ci_manifests() -> ModuleType:
     """.ci/manifests.py (renders with the real kubectl kustomize), loaded once."""
-    if "manifests" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("manifests", ROOT / ".ci" / "manifests.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["manifests"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["manifests"]
+    return ciscripts.load("manifests")
 
 
 def rendered_kinds(kustomization: str) -> set[str]:

@@ -17,33 +17,22 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+import ciscripts
 import docblocks
 from rotator.audit import DEFAULT_TTL_SECONDS, max_interval_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-manifests = _load("manifests")
-dockerfile_check = _load("dockerfile_check")
+manifests = ciscripts.load("manifests")
+dockerfile_check = ciscripts.load("dockerfile_check")
 
 SECRET = "linuxguard-enroll"
 DAEMONSET = "linuxguard-agent"
