@@ -276,7 +276,16 @@ class RealNode:
             matches = [e for e in self.logs(namespace, pod, previous=previous) if needle in e[1]]
             return matches[0] if matches else None
 
-        return wait_for(found, timeout=timeout, what=f"{needle!r} in the log of {namespace}/{pod}")
+        try:
+            return wait_for(
+                found, timeout=timeout, what=f"{needle!r} in the log of {namespace}/{pod}"
+            )
+        except AssertionError as failure:
+            previous = self.kubectl("-n", namespace, "logs", pod, "--previous", check=False)
+            raise AssertionError(
+                f"{failure}\n--- its previous container's log\n{previous}\n"
+                f"{self.diagnosis(namespace)}"
+            ) from None
 
     def container_processes(self, marker: str) -> list[int]:
         """PIDs on this host whose command line contains ``marker`` (containers included)."""
